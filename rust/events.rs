@@ -1,0 +1,393 @@
+//! vLLM KV events (vLLM 0.10 -> 0.33): decoding of one msgpack batch
+//! `[ts, [event, ...], data_parallel_rank?]`.
+//!
+//! Events are tagged unions, encoded as arrays `[tag, field...]` up to vLLM 0.23 and as maps
+//! `{"type": tag, field: value}` from 0.24. Trailing defaulted fields may be missing, unknown
+//! fields are ignored, and one bad event never loses the rest of its batch.
+
+use crate::error::{Error, Result};
+use crate::hashing::check_token;
+use crate::msgpack::{kind, Reader, Value};
+
+/// An engine's block hash reduced to 64 bits (the value vLLM events carry by default).
+pub type EngineHash = u64;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BlockStored {
+    pub block_hashes: Vec<EngineHash>,
+    pub parent_block_hash: Option<EngineHash>,
+    pub token_ids: Vec<u32>,
+    pub block_size: u32,
+    pub lora_id: Option<i64>,
+    pub medium: Option<String>,
+    pub lora_name: Option<String>,
+    /// Per block: the canonical CBOR of its extra keys, or `None`.
+    pub extra_keys: Option<Vec<Option<Vec<u8>>>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BlockRemoved {
+    pub block_hashes: Vec<EngineHash>,
+    pub medium: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    BlockStored(BlockStored),
+    BlockRemoved(BlockRemoved),
+    AllBlocksCleared,
+    /// A tag this version does not know: counted and skipped.
+    Unknown(String),
+}
+
+#[derive(Debug)]
+pub struct Batch {
+    pub ts: f64,
+    /// One entry per event in the batch, in order; a bad event is an `Err`.
+    pub events: Vec<Result<Event>>,
+    pub dp_rank: Option<i64>,
+}
+
+/// Decode a whole batch. Fails only when the envelope itself is unreadable.
+pub fn decode_batch(payload: &[u8]) -> Result<Batch> {
+    let mut r = Reader::new(payload);
+    let n = r.array()?;
+    if n < 2 {
+        return Err(Error::decode(format!("batch envelope has {n} elements, expected at least 2")));
+    }
+    let ts = match r.next()? {
+        Value::Float(f) => f,
+        Value::Int(i) => i as f64,
+        other => return Err(Error::decode(format!("batch timestamp is {}", kind(&other)))),
+    };
+    let count = r.array()?;
+    let mut events = Vec::with_capacity((count as usize).min(r.remaining()));
+    for _ in 0..count {
+        let start = r.pos();
+        match decode_event(&mut r) {
+            Ok(e) => events.push(Ok(e)),
+            Err(e) => {
+                // resynchronise on the next event, if this one is at least well-formed msgpack
+                r.set_pos(start);
+                if r.skip().is_err() {
+                    events.push(Err(e));
+                    return Ok(Batch { ts, events, dp_rank: None });
+                }
+                events.push(Err(e));
+            }
+        }
+    }
+    let mut dp_rank = None;
+    if n >= 3 {
+        match r.next() {
+            Ok(Value::Int(i)) => dp_rank = i64::try_from(i).ok(),
+            Ok(_) | Err(_) => {}
+        }
+    }
+    Ok(Batch { ts, events, dp_rank })
+}
+
+fn hash_value(v: Value<'_>) -> Result<EngineHash> {
+    match v {
+        // every width and sign; negative Python hashes keep their two's-complement bits
+        Value::Int(i) if i >= i64::MIN as i128 && i <= u64::MAX as i128 => Ok(i as u64),
+        Value::Bin(b) if !b.is_empty() => {
+            let tail = &b[b.len().saturating_sub(8)..];
+            let mut a = [0u8; 8];
+            a[8 - tail.len()..].copy_from_slice(tail);
+            Ok(u64::from_be_bytes(a))
+        }
+        other => Err(Error::decode(format!("block hash is {}", kind(&other)))),
+    }
+}
+
+fn hashes(r: &mut Reader<'_>) -> Result<Vec<EngineHash>> {
+    let n = r.array()?;
+    let mut v = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        v.push(hash_value(r.next()?)?);
+    }
+    Ok(v)
+}
+
+fn opt_hash(r: &mut Reader<'_>) -> Result<Option<EngineHash>> {
+    match r.next()? {
+        Value::Nil => Ok(None),
+        v => hash_value(v).map(Some),
+    }
+}
+
+fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>> {
+    let n = r.array()?;
+    let mut v = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        match r.next()? {
+            Value::Int(i) => v.push(check_token(i).map_err(|_| Error::decode(format!("token id {i} out of range")))?),
+            other => return Err(Error::decode(format!("token id is {}", kind(&other)))),
+        }
+    }
+    Ok(v)
+}
+
+fn opt_int(r: &mut Reader<'_>) -> Result<Option<i64>> {
+    match r.next()? {
+        Value::Nil => Ok(None),
+        Value::Int(i) => i64::try_from(i).map(Some).map_err(|_| Error::decode("integer out of range")),
+        other => Err(Error::decode(format!("expected an int, found {}", kind(&other)))),
+    }
+}
+
+fn opt_str(r: &mut Reader<'_>) -> Result<Option<String>> {
+    match r.next()? {
+        Value::Nil => Ok(None),
+        Value::Str(s) => std::str::from_utf8(s)
+            .map(|s| Some(s.to_owned()))
+            .map_err(|_| Error::decode("string is not UTF-8")),
+        other => Err(Error::decode(format!("expected a string, found {}", kind(&other)))),
+    }
+}
+
+fn extra_keys(r: &mut Reader<'_>) -> Result<Option<Vec<Option<Vec<u8>>>>> {
+    let n = match r.next()? {
+        Value::Nil => return Ok(None),
+        Value::Array(n) => n,
+        other => return Err(Error::decode(format!("extra_keys is {}", kind(&other)))),
+    };
+    let mut v = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let start = r.pos();
+        if let Value::Nil = r.next()? {
+            v.push(None);
+            continue;
+        }
+        r.set_pos(start);
+        let mut out = Vec::new();
+        r.transcode_cbor(&mut out)?;
+        v.push(Some(out));
+    }
+    Ok(Some(v))
+}
+
+/// Field numbers shared by both encodings (array position - 1).
+#[derive(Clone, Copy)]
+enum Field {
+    BlockHashes,
+    Parent,
+    TokenIds,
+    BlockSize,
+    LoraId,
+    Medium,
+    LoraName,
+    ExtraKeys,
+    Other,
+}
+
+fn stored_field(pos: usize) -> Field {
+    match pos {
+        0 => Field::BlockHashes,
+        1 => Field::Parent,
+        2 => Field::TokenIds,
+        3 => Field::BlockSize,
+        4 => Field::LoraId,
+        5 => Field::Medium,
+        6 => Field::LoraName,
+        7 => Field::ExtraKeys,
+        _ => Field::Other,
+    }
+}
+
+fn removed_field(pos: usize) -> Field {
+    match pos {
+        0 => Field::BlockHashes,
+        1 => Field::Medium,
+        _ => Field::Other,
+    }
+}
+
+fn named_field(name: &[u8]) -> Field {
+    match name {
+        b"block_hashes" => Field::BlockHashes,
+        b"parent_block_hash" => Field::Parent,
+        b"token_ids" => Field::TokenIds,
+        b"block_size" => Field::BlockSize,
+        b"lora_id" => Field::LoraId,
+        b"medium" => Field::Medium,
+        b"lora_name" => Field::LoraName,
+        b"extra_keys" => Field::ExtraKeys,
+        _ => Field::Other,
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    stored: BlockStored,
+    seen_hashes: bool,
+}
+
+fn read_field(r: &mut Reader<'_>, f: Field, out: &mut Fields) -> Result<()> {
+    let s = &mut out.stored;
+    match f {
+        Field::BlockHashes => {
+            s.block_hashes = hashes(r)?;
+            out.seen_hashes = true;
+        }
+        Field::Parent => s.parent_block_hash = opt_hash(r)?,
+        Field::TokenIds => s.token_ids = tokens(r)?,
+        Field::BlockSize => {
+            s.block_size = match opt_int(r)? {
+                Some(b) if b > 0 && b <= u32::MAX as i64 => b as u32,
+                Some(b) => return Err(Error::decode(format!("block_size {b} is not positive"))),
+                None => 0,
+            }
+        }
+        Field::LoraId => s.lora_id = opt_int(r)?,
+        Field::Medium => s.medium = opt_str(r)?,
+        Field::LoraName => s.lora_name = opt_str(r)?,
+        Field::ExtraKeys => s.extra_keys = extra_keys(r)?,
+        Field::Other => r.skip()?,
+    }
+    Ok(())
+}
+
+fn finish(tag: &str, f: Fields) -> Result<Event> {
+    match tag {
+        "BlockStored" => {
+            if !f.seen_hashes {
+                return Err(Error::decode("BlockStored without block_hashes"));
+            }
+            Ok(Event::BlockStored(f.stored))
+        }
+        "BlockRemoved" => {
+            if !f.seen_hashes {
+                return Err(Error::decode("BlockRemoved without block_hashes"));
+            }
+            Ok(Event::BlockRemoved(BlockRemoved { block_hashes: f.stored.block_hashes, medium: f.stored.medium }))
+        }
+        "AllBlocksCleared" => Ok(Event::AllBlocksCleared),
+        other => Ok(Event::Unknown(other.to_owned())),
+    }
+}
+
+pub fn decode_event(r: &mut Reader<'_>) -> Result<Event> {
+    match r.next()? {
+        Value::Array(n) => {
+            if n == 0 {
+                return Err(Error::decode("empty event array"));
+            }
+            let tag = r.str()?.to_owned();
+            let by_pos: fn(usize) -> Field = match tag.as_str() {
+                "BlockStored" => stored_field,
+                "BlockRemoved" => removed_field,
+                _ => |_| Field::Other,
+            };
+            let mut f = Fields::default();
+            for pos in 0..(n as usize - 1) {
+                read_field(r, by_pos(pos), &mut f)?;
+            }
+            finish(&tag, f)
+        }
+        Value::Map(n) => {
+            let mut tag: Option<String> = None;
+            let mut f = Fields::default();
+            for _ in 0..n {
+                let key = match r.next()? {
+                    Value::Str(s) => s,
+                    other => return Err(Error::decode(format!("event field name is {}", kind(&other)))),
+                };
+                if key == b"type" {
+                    tag = Some(r.str()?.to_owned());
+                } else {
+                    read_field(r, named_field(key), &mut f)?;
+                }
+            }
+            let tag = tag.ok_or_else(|| Error::decode("event map without \"type\""))?;
+            finish(&tag, f)
+        }
+        other => Err(Error::decode(format!("event is {}", kind(&other)))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // minimal msgpack writer for tests
+    fn arr(n: usize) -> Vec<u8> {
+        assert!(n < 16);
+        vec![0x90 | n as u8]
+    }
+    fn s(x: &str) -> Vec<u8> {
+        let mut v = vec![0xa0 | x.len() as u8];
+        v.extend_from_slice(x.as_bytes());
+        v
+    }
+    fn u64v(x: u64) -> Vec<u8> {
+        let mut v = vec![0xcf];
+        v.extend_from_slice(&x.to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn array_event_with_missing_trailing_fields() {
+        let mut b = arr(3);
+        b.extend([0xcb]);
+        b.extend(1.5f64.to_be_bytes());
+        b.extend(arr(2));
+        // ["BlockRemoved", [7]]  (no medium)
+        b.extend(arr(2));
+        b.extend(s("BlockRemoved"));
+        b.extend(arr(1));
+        b.extend(u64v(7));
+        // ["AllBlocksCleared"]
+        b.extend(arr(1));
+        b.extend(s("AllBlocksCleared"));
+        b.push(0x01);
+        let batch = decode_batch(&b).unwrap();
+        assert_eq!(batch.ts, 1.5);
+        assert_eq!(batch.dp_rank, Some(1));
+        assert_eq!(batch.events.len(), 2);
+        assert_eq!(
+            batch.events[0].as_ref().unwrap(),
+            &Event::BlockRemoved(BlockRemoved { block_hashes: vec![7], medium: None })
+        );
+        assert_eq!(batch.events[1].as_ref().unwrap(), &Event::AllBlocksCleared);
+    }
+
+    #[test]
+    fn bad_event_is_skipped_and_the_rest_survives() {
+        let mut b = arr(2);
+        b.push(0x00);
+        b.extend(arr(3));
+        // a BlockRemoved whose hash is a string
+        b.extend(arr(2));
+        b.extend(s("BlockRemoved"));
+        b.extend(arr(1));
+        b.extend(s("x"));
+        // an unknown event type
+        b.extend(arr(2));
+        b.extend(s("Future"));
+        b.push(0x05);
+        b.extend(arr(1));
+        b.extend(s("AllBlocksCleared"));
+        let batch = decode_batch(&b).unwrap();
+        assert!(batch.events[0].is_err());
+        assert_eq!(batch.events[1].as_ref().unwrap(), &Event::Unknown("Future".into()));
+        assert_eq!(batch.events[2].as_ref().unwrap(), &Event::AllBlocksCleared);
+        assert_eq!(batch.dp_rank, None);
+    }
+
+    #[test]
+    fn bin_and_negative_hashes() {
+        assert_eq!(hash_value(Value::Bin(&[9; 32])).unwrap(), u64::from_be_bytes([9; 8]));
+        assert_eq!(hash_value(Value::Bin(&[1, 2])).unwrap(), 0x0102);
+        assert_eq!(hash_value(Value::Int(-1)).unwrap(), u64::MAX);
+        assert!(hash_value(Value::Nil).is_err());
+    }
+
+    #[test]
+    fn envelope_errors() {
+        assert!(decode_batch(&[]).is_err());
+        assert!(decode_batch(&[0x91, 0x00]).is_err());
+        assert!(decode_batch(&[0x92, 0xa1, b'x', 0x90]).is_err());
+    }
+}

@@ -1,0 +1,507 @@
+//! Block index: block key -> pod entries, a bounded two-level LRU.
+//!
+//! * at most `max_keys` keys, least recently used key evicted first (LRU over keys);
+//! * at most `max_pods_per_key` entries per key, least recently touched entry evicted first
+//!   (LRU within a key).
+//!
+//! Keys live in shards chosen by key, each behind its own mutex, so scoring and event
+//! application rarely meet on a lock. Each shard also keeps, per pod, the set of its keys it
+//! holds, so clearing a pod costs O(blocks of that pod), never a scan of the whole index.
+//!
+//! Models are separated by mixing the interned model id into the key: the same tokens under
+//! two models never share an entry. An entry packs `(pod << 3) | tier` into a `u32`.
+
+use hashbrown::{HashMap, HashSet};
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use crate::hashing::BlockKey;
+
+pub type PodId = u32;
+pub type ModelId = u32;
+pub type Tier = u8;
+
+/// Tiers are interned into 3 bits: GPU = 0, CPU = 1, then others as they appear.
+pub const MAX_TIERS: usize = 8;
+pub const TIER_GPU: Tier = 0;
+pub const TIER_CPU: Tier = 1;
+/// Largest pod id an entry can hold (29 bits).
+pub const MAX_PODS: u32 = 1 << 29;
+
+const NIL: u32 = u32::MAX;
+
+#[inline]
+pub fn pack(pod: PodId, tier: Tier) -> u32 {
+    (pod << 3) | tier as u32
+}
+#[inline]
+pub fn entry_pod(e: u32) -> PodId {
+    e >> 3
+}
+#[inline]
+pub fn entry_tier(e: u32) -> Tier {
+    (e & 7) as Tier
+}
+
+#[inline]
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The index-internal key of `key` under `model`.
+#[inline]
+pub fn model_key(model: ModelId, key: BlockKey) -> u64 {
+    key ^ splitmix64(model as u64 ^ 0x6b76_696e_6465_7821)
+}
+
+pub type Entries = SmallVec<[u32; 4]>;
+
+struct Node {
+    ikey: u64,
+    prev: u32,
+    next: u32,
+    entries: Entries,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<u64, u32>,
+    nodes: Vec<Node>,
+    /// First 24 digest bytes per node (only for algorithms that chain on digests); all zero
+    /// means "unknown".
+    digests: Vec<[u8; 24]>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+    cap: usize,
+    pod_keys: HashMap<PodId, HashSet<u64>>,
+    pod_tiers: HashMap<PodId, [i64; MAX_TIERS]>,
+    entries: u64,
+    key_evictions: u64,
+    entry_evictions: u64,
+    spilled_bytes: i64,
+}
+
+#[inline]
+fn heap_bytes(e: &Entries) -> i64 {
+    if e.spilled() {
+        (e.capacity() * 4) as i64
+    } else {
+        0
+    }
+}
+
+impl Shard {
+    fn new(cap: usize) -> Self {
+        Shard { head: NIL, tail: NIL, cap: cap.max(1), ..Default::default() }
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (p, n) = {
+            let node = &self.nodes[i as usize];
+            (node.prev, node.next)
+        };
+        if p != NIL {
+            self.nodes[p as usize].next = n;
+        } else {
+            self.head = n;
+        }
+        if n != NIL {
+            self.nodes[n as usize].prev = p;
+        } else {
+            self.tail = p;
+        }
+    }
+
+    fn push_front(&mut self, i: u32) {
+        let h = self.head;
+        {
+            let node = &mut self.nodes[i as usize];
+            node.prev = NIL;
+            node.next = h;
+        }
+        if h != NIL {
+            self.nodes[h as usize].prev = i;
+        } else {
+            self.tail = i;
+        }
+        self.head = i;
+    }
+
+    fn touch(&mut self, i: u32) {
+        if self.head != i {
+            self.unlink(i);
+            self.push_front(i);
+        }
+    }
+
+    fn count(&mut self, pod: PodId, tier: Tier, delta: i64) {
+        self.pod_tiers.entry(pod).or_insert([0; MAX_TIERS])[tier as usize] += delta;
+        self.entries = (self.entries as i64 + delta) as u64;
+    }
+
+    /// Forget that `pod` holds `ikey` if no entry of it is left on the node.
+    fn drop_pod_key_if_gone(&mut self, i: u32, pod: PodId) {
+        let ikey = self.nodes[i as usize].ikey;
+        if !self.nodes[i as usize].entries.iter().any(|&e| entry_pod(e) == pod) {
+            if let Some(set) = self.pod_keys.get_mut(&pod) {
+                set.remove(&ikey);
+            }
+        }
+    }
+
+    fn free_node(&mut self, i: u32) {
+        self.unlink(i);
+        let node = &mut self.nodes[i as usize];
+        self.spilled_bytes -= heap_bytes(&node.entries);
+        node.entries = Entries::new();
+        let ikey = node.ikey;
+        self.map.remove(&ikey);
+        if let Some(d) = self.digests.get_mut(i as usize) {
+            *d = [0; 24];
+        }
+        self.free.push(i);
+    }
+
+    fn evict_tail(&mut self) {
+        let t = self.tail;
+        if t == NIL {
+            return;
+        }
+        let ikey = self.nodes[t as usize].ikey;
+        let entries = std::mem::take(&mut self.nodes[t as usize].entries);
+        for e in entries.iter() {
+            let pod = entry_pod(*e);
+            self.count(pod, entry_tier(*e), -1);
+            if let Some(set) = self.pod_keys.get_mut(&pod) {
+                set.remove(&ikey);
+            }
+        }
+        self.spilled_bytes -= heap_bytes(&entries);
+        self.free_node(t);
+        self.key_evictions += 1;
+    }
+
+    fn node_for_insert(&mut self, ikey: u64, keep_digest: bool) -> u32 {
+        if let Some(&i) = self.map.get(&ikey) {
+            self.touch(i);
+            return i;
+        }
+        while self.map.len() >= self.cap {
+            self.evict_tail();
+        }
+        let node = Node { ikey, prev: NIL, next: NIL, entries: Entries::new() };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                if keep_digest {
+                    self.digests.push([0; 24]);
+                }
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        self.push_front(i);
+        self.map.insert(ikey, i);
+        i
+    }
+
+    fn add(&mut self, ikey: u64, pod: PodId, tier: Tier, digest: Option<&[u8; 24]>, max_per_key: usize, keep: bool) {
+        let i = self.node_for_insert(ikey, keep);
+        if let (Some(d), true) = (digest, keep) {
+            self.digests[i as usize] = *d;
+        }
+        let e = pack(pod, tier);
+        let before = heap_bytes(&self.nodes[i as usize].entries);
+        let entries = &mut self.nodes[i as usize].entries;
+        if let Some(pos) = entries.iter().position(|&x| x == e) {
+            // touch within the key: most recent at the end
+            entries.remove(pos);
+            entries.push(e);
+            return;
+        }
+        let mut evicted = None;
+        if entries.len() >= max_per_key {
+            evicted = Some(entries.remove(0));
+        }
+        entries.push(e);
+        let after = heap_bytes(entries);
+        self.spilled_bytes += after - before;
+        self.count(pod, tier, 1);
+        self.pod_keys.entry(pod).or_default().insert(ikey);
+        if let Some(old) = evicted {
+            self.entry_evictions += 1;
+            self.count(entry_pod(old), entry_tier(old), -1);
+            self.drop_pod_key_if_gone(i, entry_pod(old));
+        }
+    }
+
+    fn remove(&mut self, ikey: u64, pod: PodId, tier: Tier) -> bool {
+        let Some(&i) = self.map.get(&ikey) else { return false };
+        let e = pack(pod, tier);
+        let entries = &mut self.nodes[i as usize].entries;
+        let Some(pos) = entries.iter().position(|&x| x == e) else { return false };
+        entries.remove(pos);
+        self.count(pod, tier, -1);
+        self.drop_pod_key_if_gone(i, pod);
+        if self.nodes[i as usize].entries.is_empty() {
+            self.free_node(i);
+        }
+        true
+    }
+
+    fn clear_pod(&mut self, pod: PodId) -> u64 {
+        let Some(keys) = self.pod_keys.remove(&pod) else { return 0 };
+        let mut removed = 0;
+        for ikey in keys {
+            let Some(&i) = self.map.get(&ikey) else { continue };
+            let before = heap_bytes(&self.nodes[i as usize].entries);
+            let entries = &mut self.nodes[i as usize].entries;
+            let n = entries.len();
+            entries.retain(|e| entry_pod(*e) != pod);
+            removed += (n - entries.len()) as u64;
+            let empty = entries.is_empty();
+            let after = heap_bytes(entries);
+            self.spilled_bytes += after - before;
+            if empty {
+                self.free_node(i);
+            }
+        }
+        self.entries -= removed;
+        self.pod_tiers.remove(&pod);
+        removed
+    }
+
+    fn bytes_used(&self) -> usize {
+        let set_bytes: usize = self.pod_keys.values().map(|s| s.capacity() * 9 + 48).sum();
+        self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.digests.capacity() * 24
+            + self.free.capacity() * 4
+            + self.map.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + set_bytes
+            + self.pod_tiers.capacity() * (4 + 8 * MAX_TIERS + 1)
+            + self.spilled_bytes.max(0) as usize
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    pub keys: u64,
+    pub entries: u64,
+    pub key_evictions: u64,
+    pub entry_evictions: u64,
+    pub bytes_used: u64,
+    pub max_keys: u64,
+    pub max_pods_per_key: u64,
+}
+
+pub struct BlockIndex {
+    shards: Box<[Mutex<Shard>]>,
+    max_keys: usize,
+    max_per_key: usize,
+    keep_digest: bool,
+}
+
+impl BlockIndex {
+    /// `keep_digest`: keep the first 24 bytes of each key's digest so a chain can be extended
+    /// from a parent known only by its key (needed by `sha256_cbor`).
+    pub fn new(max_keys: usize, max_per_key: usize, shards: usize, keep_digest: bool) -> Self {
+        let n = shards.clamp(1, 4096);
+        let max_keys = max_keys.max(1);
+        let per = max_keys.div_ceil(n);
+        BlockIndex {
+            shards: (0..n).map(|_| Mutex::new(Shard::new(per))).collect(),
+            max_keys,
+            max_per_key: max_per_key.clamp(1, 1 << 16),
+            keep_digest,
+        }
+    }
+
+    #[inline]
+    fn shard(&self, ikey: u64) -> &Mutex<Shard> {
+        let h = (ikey.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize;
+        &self.shards[h % self.shards.len()]
+    }
+
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn add(&self, model: ModelId, pod: PodId, key: BlockKey, tier: Tier, digest: Option<&[u8; 24]>) {
+        let ik = model_key(model, key);
+        self.shard(ik).lock().add(ik, pod, tier, digest, self.max_per_key, self.keep_digest);
+    }
+
+    pub fn remove(&self, model: ModelId, pod: PodId, key: BlockKey, tier: Tier) -> bool {
+        let ik = model_key(model, key);
+        self.shard(ik).lock().remove(ik, pod, tier)
+    }
+
+    /// Whether any pod holds `key` under `model`.
+    pub fn contains(&self, model: ModelId, key: BlockKey) -> bool {
+        let ik = model_key(model, key);
+        self.shard(ik).lock().map.contains_key(&ik)
+    }
+
+    /// Whether `pod` holds `key` in any tier.
+    pub fn holds(&self, model: ModelId, pod: PodId, key: BlockKey) -> bool {
+        let ik = model_key(model, key);
+        let s = self.shard(ik).lock();
+        s.map
+            .get(&ik)
+            .map(|&i| s.nodes[i as usize].entries.iter().any(|&e| entry_pod(e) == pod))
+            .unwrap_or(false)
+    }
+
+    /// First 24 digest bytes of `key`, when the index holds the key and its digest.
+    pub fn digest_hi(&self, model: ModelId, key: BlockKey) -> Option<[u8; 24]> {
+        let ik = model_key(model, key);
+        let s = self.shard(ik).lock();
+        let &i = s.map.get(&ik)?;
+        let d = *s.digests.get(i as usize)?;
+        (d != [0; 24]).then_some(d)
+    }
+
+    /// Copy the entries of `key` into `out` (cleared first) and mark the key recently used.
+    /// Returns false when the key is absent.
+    pub fn lookup_into(&self, model: ModelId, key: BlockKey, out: &mut SmallVec<[u32; 16]>) -> bool {
+        out.clear();
+        let ik = model_key(model, key);
+        let mut s = self.shard(ik).lock();
+        let Some(&i) = s.map.get(&ik) else { return false };
+        out.extend_from_slice(&s.nodes[i as usize].entries);
+        s.touch(i);
+        true
+    }
+
+    /// Drop every entry of `pod` (all tiers, all models). Returns the entries removed.
+    pub fn clear_pod(&self, pod: PodId) -> u64 {
+        self.shards.iter().map(|s| s.lock().clear_pod(pod)).sum()
+    }
+
+    /// Entries per tier held by `pod`.
+    pub fn pod_tier_counts(&self, pod: PodId) -> [i64; MAX_TIERS] {
+        let mut out = [0i64; MAX_TIERS];
+        for s in self.shards.iter() {
+            if let Some(c) = s.lock().pod_tiers.get(&pod) {
+                for (o, v) in out.iter_mut().zip(c) {
+                    *o += v;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn stats(&self) -> IndexStats {
+        let mut st = IndexStats {
+            max_keys: self.max_keys as u64,
+            max_pods_per_key: self.max_per_key as u64,
+            ..Default::default()
+        };
+        for s in self.shards.iter() {
+            let s = s.lock();
+            st.keys += s.map.len() as u64;
+            st.entries += s.entries;
+            st.key_evictions += s.key_evictions;
+            st.entry_evictions += s.entry_evictions;
+            st.bytes_used += s.bytes_used() as u64;
+        }
+        st
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods_of(ix: &BlockIndex, model: ModelId, key: BlockKey) -> Vec<(PodId, Tier)> {
+        let mut out = SmallVec::new();
+        ix.lookup_into(model, key, &mut out);
+        let mut v: Vec<_> = out.iter().map(|&e| (entry_pod(e), entry_tier(e))).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn add_remove_per_tier() {
+        let ix = BlockIndex::new(100, 8, 4, false);
+        ix.add(0, 1, 42, TIER_GPU, None);
+        ix.add(0, 1, 42, TIER_CPU, None);
+        ix.add(0, 2, 42, TIER_GPU, None);
+        assert_eq!(pods_of(&ix, 0, 42), vec![(1, 0), (1, 1), (2, 0)]);
+        assert!(ix.remove(0, 1, 42, TIER_GPU));
+        assert!(!ix.remove(0, 1, 42, TIER_GPU));
+        assert_eq!(pods_of(&ix, 0, 42), vec![(1, 1), (2, 0)]);
+        assert!(ix.holds(0, 1, 42));
+        assert_eq!(ix.stats().entries, 2);
+    }
+
+    #[test]
+    fn models_never_share_entries() {
+        let ix = BlockIndex::new(100, 8, 4, false);
+        ix.add(0, 1, 42, TIER_GPU, None);
+        assert!(pods_of(&ix, 1, 42).is_empty());
+        assert!(!ix.contains(1, 42));
+    }
+
+    #[test]
+    fn key_lru_evicts_least_recent() {
+        let ix = BlockIndex::new(3, 8, 1, false);
+        for k in 1..=3 {
+            ix.add(0, 1, k, TIER_GPU, None);
+        }
+        let mut buf = SmallVec::new();
+        ix.lookup_into(0, 1, &mut buf); // 1 becomes most recent
+        ix.add(0, 1, 4, TIER_GPU, None); // evicts 2
+        assert!(ix.contains(0, 1));
+        assert!(!ix.contains(0, 2));
+        assert!(ix.contains(0, 3) && ix.contains(0, 4));
+        let st = ix.stats();
+        assert_eq!((st.keys, st.entries, st.key_evictions), (3, 3, 1));
+        assert_eq!(ix.pod_tier_counts(1)[0], 3);
+    }
+
+    #[test]
+    fn entry_lru_within_key() {
+        let ix = BlockIndex::new(10, 2, 1, false);
+        ix.add(0, 1, 7, TIER_GPU, None);
+        ix.add(0, 2, 7, TIER_GPU, None);
+        ix.add(0, 1, 7, TIER_GPU, None); // touch pod 1
+        ix.add(0, 3, 7, TIER_GPU, None); // evicts pod 2
+        assert_eq!(pods_of(&ix, 0, 7), vec![(1, 0), (3, 0)]);
+        assert_eq!(ix.stats().entry_evictions, 1);
+        assert_eq!(ix.pod_tier_counts(2)[0], 0);
+        // pod 2's reverse set no longer names the key: clearing it removes nothing
+        assert_eq!(ix.clear_pod(2), 0);
+    }
+
+    #[test]
+    fn clear_pod_only_touches_that_pod() {
+        let ix = BlockIndex::new(1000, 8, 8, false);
+        for k in 0..100 {
+            ix.add(0, 1, k, TIER_GPU, None);
+            ix.add(0, 2, k, TIER_CPU, None);
+        }
+        assert_eq!(ix.clear_pod(1), 100);
+        assert_eq!(ix.stats().entries, 100);
+        assert_eq!(pods_of(&ix, 0, 5), vec![(2, 1)]);
+        assert_eq!(ix.clear_pod(2), 100);
+        let st = ix.stats();
+        assert_eq!((st.keys, st.entries), (0, 0));
+    }
+
+    #[test]
+    fn digests_are_kept_and_dropped_with_their_key() {
+        let ix = BlockIndex::new(10, 8, 2, true);
+        ix.add(0, 1, 9, TIER_GPU, Some(&[3; 24]));
+        assert_eq!(ix.digest_hi(0, 9), Some([3; 24]));
+        ix.remove(0, 1, 9, TIER_GPU);
+        assert_eq!(ix.digest_hi(0, 9), None);
+    }
+}

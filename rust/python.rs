@@ -1,0 +1,596 @@
+//! The Python face of the core (`kvindex_service._native`), the only file that knows pyo3.
+//! Each method extracts plain data, detaches from the interpreter for the O(n) work, and
+//! converts the result back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
+
+use crate::error::Error;
+use crate::hashing::{Algorithm, Extras, TokenProcessor};
+use crate::indexer::{self, Indexer, IndexerConfig};
+use crate::index::MAX_TIERS;
+use crate::scoring;
+
+pyo3::create_exception!(kvindex_service._native, KvIndexError, PyException, "Base class of every error raised by the core.");
+
+static INVALID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static CLOSED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// A subclass of both `KvIndexError` and a builtin, so callers catching the builtin work.
+fn subclass(py: Python<'_>, name: &str, builtin: &Bound<'_, PyType>, doc: &str) -> PyResult<Py<PyType>> {
+    let bases = PyTuple::new(py, [py.get_type::<KvIndexError>().into_any(), builtin.clone().into_any()])?;
+    let ns = PyDict::new(py);
+    ns.set_item("__doc__", doc)?;
+    ns.set_item("__module__", "kvindex_service._native")?;
+    let t = py.import("builtins")?.getattr("type")?.call1((name, bases, ns))?;
+    Ok(t.cast_into::<PyType>()?.unbind())
+}
+
+fn invalid_type(py: Python<'_>) -> &Bound<'_, PyType> {
+    INVALID
+        .get_or_init(py, || {
+            subclass(py, "InvalidInputError", &py.get_type::<pyo3::exceptions::PyValueError>(), "Bad argument.")
+                .expect("create InvalidInputError")
+        })
+        .bind(py)
+}
+
+fn closed_type(py: Python<'_>) -> &Bound<'_, PyType> {
+    CLOSED
+        .get_or_init(py, || {
+            subclass(py, "ClosedError", &py.get_type::<pyo3::exceptions::PyRuntimeError>(), "The indexer is closed.")
+                .expect("create ClosedError")
+        })
+        .bind(py)
+}
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        Python::attach(|py| match &e {
+            Error::InvalidInput(_) | Error::Decode(_) => PyErr::from_type(invalid_type(py).clone(), e.to_string()),
+            Error::Closed => PyErr::from_type(closed_type(py).clone(), e.to_string()),
+        })
+    }
+}
+
+fn invalid(msg: String) -> PyErr {
+    Error::InvalidInput(msg).into()
+}
+
+/// Token ids from any Python sequence of ints, each in 0..2^32-1.
+fn extract_tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<PyBytes>() {
+        return Err(invalid("token_ids must be a sequence of ints, not a string".into()));
+    }
+    let n = obj.len().unwrap_or(0);
+    let mut out = Vec::with_capacity(n);
+    let it = obj.try_iter().map_err(|_| invalid("token_ids must be a sequence of ints".into()))?;
+    for (i, item) in it.enumerate() {
+        let item = item?;
+        if item.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(invalid(format!("token_ids[{i}] is a bool, not an int")));
+        }
+        let v: i128 = item.extract().map_err(|_| invalid(format!("token_ids[{i}] is not an int")))?;
+        out.push(u32::try_from(v).map_err(|_| invalid(format!("token_ids[{i}] = {v} is outside 0..4294967295")))?);
+    }
+    Ok(out)
+}
+
+fn extract_keys(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    let it = obj.try_iter().map_err(|_| invalid("keys must be a sequence of ints".into()))?;
+    let mut out = Vec::new();
+    for (i, item) in it.enumerate() {
+        let v: i128 = item?.extract().map_err(|_| invalid(format!("keys[{i}] is not an int")))?;
+        out.push(u64::try_from(v).map_err(|_| invalid(format!("keys[{i}] = {v} is outside 0..2^64-1")))?);
+    }
+    Ok(out)
+}
+
+fn parse_algorithm(name: &str) -> PyResult<Algorithm> {
+    Ok(Algorithm::parse(name)?)
+}
+
+fn check_block_size(block_size: i64) -> PyResult<usize> {
+    usize::try_from(block_size)
+        .ok()
+        .filter(|b| *b > 0)
+        .ok_or_else(|| invalid(format!("block_size must be a positive int, got {block_size}")))
+}
+
+#[pyclass(name = "TokenProcessor", module = "kvindex_service._native", frozen)]
+struct PyTokenProcessor {
+    tp: TokenProcessor,
+}
+
+#[pymethods]
+impl PyTokenProcessor {
+    #[new]
+    #[pyo3(signature = (block_size = 16, hash_seed = None, algorithm = "sha256_cbor"))]
+    fn new(block_size: i64, hash_seed: Option<&str>, algorithm: &str) -> PyResult<Self> {
+        let tp = TokenProcessor::new(check_block_size(block_size)?, hash_seed, parse_algorithm(algorithm)?)?;
+        Ok(PyTokenProcessor { tp })
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.tp.block_size()
+    }
+    #[getter]
+    fn algorithm(&self) -> &'static str {
+        self.tp.algorithm().name()
+    }
+    #[getter]
+    fn hash_seed(&self) -> Option<String> {
+        self.tp.seed().map(str::to_owned)
+    }
+    fn none_hash<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.tp.none_hash_bytes())
+    }
+    #[pyo3(signature = (token_ids, *, lora_name = None, cache_salt = None))]
+    fn block_keys(
+        &self,
+        py: Python<'_>,
+        token_ids: &Bound<'_, PyAny>,
+        lora_name: Option<&str>,
+        cache_salt: Option<&str>,
+    ) -> PyResult<Vec<u64>> {
+        let toks = extract_tokens(token_ids)?;
+        let extras = Extras::for_request(lora_name, cache_salt);
+        Ok(py.detach(|| self.tp.block_keys(&toks, &extras)))
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "TokenProcessor(block_size={}, hash_seed={:?}, algorithm={:?})",
+            self.tp.block_size(),
+            self.tp.seed(),
+            self.tp.algorithm().name()
+        )
+    }
+}
+
+#[pyclass(name = "PodScore", module = "kvindex_service._native", frozen, get_all)]
+struct PyPodScore {
+    pod: String,
+    matched_blocks: u32,
+    matched_tokens: u64,
+    score: f64,
+    tier_blocks: HashMap<String, u32>,
+}
+
+#[pymethods]
+impl PyPodScore {
+    fn __repr__(&self) -> String {
+        format!(
+            "PodScore(pod={:?}, matched_blocks={}, matched_tokens={}, score={})",
+            self.pod, self.matched_blocks, self.matched_tokens, self.score
+        )
+    }
+}
+
+#[pyclass(name = "ScoreResult", module = "kvindex_service._native", frozen, get_all)]
+struct PyScoreResult {
+    scores: Vec<Py<PyPodScore>>,
+    total_blocks: usize,
+    total_tokens: usize,
+    keys_computed: usize,
+}
+
+#[pymethods]
+impl PyScoreResult {
+    fn best(&self, py: Python<'_>) -> Option<Py<PyPodScore>> {
+        self.scores.first().map(|s| s.clone_ref(py))
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "ScoreResult(pods={}, total_blocks={}, total_tokens={})",
+            self.scores.len(),
+            self.total_blocks,
+            self.total_tokens
+        )
+    }
+}
+
+#[pyclass(name = "ApplyResult", module = "kvindex_service._native", frozen, get_all)]
+struct PyApplyResult {
+    events: u64,
+    stored_blocks: u64,
+    removed_blocks: u64,
+    cleared: u64,
+    decode_errors: u64,
+    unknown_event_types: u64,
+    unknown_parents: u64,
+    dp_rank: Option<i64>,
+}
+
+#[pymethods]
+impl PyApplyResult {
+    fn __repr__(&self) -> String {
+        format!(
+            "ApplyResult(events={}, stored_blocks={}, removed_blocks={}, decode_errors={}, unknown_parents={})",
+            self.events, self.stored_blocks, self.removed_blocks, self.decode_errors, self.unknown_parents
+        )
+    }
+}
+
+#[pyclass(name = "PodState", module = "kvindex_service._native", frozen, get_all)]
+struct PyPodState {
+    pod: String,
+    models: Vec<String>,
+    blocks_by_tier: HashMap<String, i64>,
+    last_seq: Option<u64>,
+    last_event_ts: Option<f64>,
+    dp_rank: Option<i64>,
+    batches_applied: u64,
+    events_applied: u64,
+    decode_errors: u64,
+    unknown_event_types: u64,
+    unknown_parents: u64,
+    hash_matches: u64,
+    hash_mismatches: u64,
+    hashes_match: Option<bool>,
+    bridge_entries: u64,
+}
+
+#[pymethods]
+impl PyPodState {
+    fn __repr__(&self) -> String {
+        format!("PodState(pod={:?}, blocks_by_tier={:?}, last_seq={:?})", self.pod, self.blocks_by_tier, self.last_seq)
+    }
+}
+
+impl From<indexer::PodState> for PyPodState {
+    fn from(s: indexer::PodState) -> Self {
+        let stored = s.hash_matches + s.hash_mismatches;
+        PyPodState {
+            pod: s.pod.to_string(),
+            models: s.models.iter().map(|m| m.to_string()).collect(),
+            blocks_by_tier: s.blocks_by_tier.into_iter().collect(),
+            last_seq: s.last_seq,
+            last_event_ts: s.last_event_ts,
+            dp_rank: s.dp_rank,
+            batches_applied: s.batches_applied,
+            events_applied: s.events_applied,
+            decode_errors: s.decode_errors,
+            unknown_event_types: s.unknown_event_types,
+            unknown_parents: s.unknown_parents,
+            hash_matches: s.hash_matches,
+            hash_mismatches: s.hash_mismatches,
+            hashes_match: (stored > 0).then_some(s.hash_mismatches == 0),
+            bridge_entries: s.bridge_entries,
+        }
+    }
+}
+
+#[pyclass(name = "IndexStats", module = "kvindex_service._native", frozen, get_all)]
+struct PyIndexStats {
+    keys: u64,
+    entries: u64,
+    key_evictions: u64,
+    entry_evictions: u64,
+    bytes_used: u64,
+    pods: u64,
+    models: u64,
+    max_keys: u64,
+    max_pods_per_key: u64,
+}
+
+#[pymethods]
+impl PyIndexStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "IndexStats(keys={}, entries={}, bytes_used={}, pods={})",
+            self.keys, self.entries, self.bytes_used, self.pods
+        )
+    }
+}
+
+#[pyclass(name = "Indexer", module = "kvindex_service._native", frozen)]
+struct PyIndexer {
+    ix: Arc<Indexer>,
+}
+
+impl PyIndexer {
+    fn convert(
+        &self,
+        py: Python<'_>,
+        r: scoring::ScoreResult,
+        total_blocks: usize,
+        total_tokens: usize,
+        pods: Option<&[String]>,
+    ) -> PyResult<PyScoreResult> {
+        let bs = self.ix.token_processor().block_size() as u64;
+        let tiers = self.ix.tier_names();
+        let mut scores = Vec::with_capacity(r.scores.len());
+        let mut listed: Vec<String> = Vec::new();
+        for s in r.scores {
+            let name = self.ix.pod_name(s.pod).to_string();
+            let tier_blocks = tiers
+                .iter()
+                .enumerate()
+                .take(MAX_TIERS)
+                .filter(|(i, _)| s.tier_blocks[*i] > 0)
+                .map(|(i, t)| (t.clone(), s.tier_blocks[i]))
+                .collect();
+            if pods.is_some() {
+                listed.push(name.clone());
+            }
+            scores.push(Py::new(
+                py,
+                PyPodScore {
+                    pod: name,
+                    matched_blocks: s.matched_blocks,
+                    matched_tokens: s.matched_blocks as u64 * bs,
+                    score: s.score,
+                    tier_blocks,
+                },
+            )?);
+        }
+        // candidates never seen by the index still get their zero
+        if let Some(names) = pods {
+            let mut seen = std::collections::HashSet::new();
+            for n in names {
+                if !listed.contains(n) && seen.insert(n.clone()) {
+                    scores.push(Py::new(
+                        py,
+                        PyPodScore { pod: n.clone(), matched_blocks: 0, matched_tokens: 0, score: 0.0, tier_blocks: HashMap::new() },
+                    )?);
+                }
+            }
+        }
+        Ok(PyScoreResult { scores, total_blocks, total_tokens, keys_computed: r.keys_consumed })
+    }
+}
+
+fn weights_from(obj: Option<&Bound<'_, PyAny>>) -> PyResult<(Vec<(String, f64)>, f64)> {
+    let mut w = vec![("GPU".to_string(), 1.0), ("CPU".to_string(), 0.8)];
+    if let Some(o) = obj {
+        let d: HashMap<String, f64> = o.extract().map_err(|_| invalid("tier_weights must map tier names to numbers".into()))?;
+        for (k, v) in d {
+            let k = k.to_ascii_uppercase();
+            w.retain(|(n, _)| *n != k);
+            w.push((k, v));
+        }
+    }
+    let default = w.iter().find(|(n, _)| n == "CPU").map(|(_, v)| *v).unwrap_or(0.8);
+    Ok((w, default))
+}
+
+fn positive(name: &str, v: i64) -> PyResult<usize> {
+    usize::try_from(v).ok().filter(|x| *x > 0).ok_or_else(|| invalid(format!("{name} must be a positive int, got {v}")))
+}
+
+#[pymethods]
+impl PyIndexer {
+    #[new]
+    #[pyo3(signature = (*, block_size = 16, hash_seed = None, algorithm = "sha256_cbor", max_keys = 10_000_000,
+                        max_pods_per_key = 64, shards = 0, queue_capacity = 1024, tier_weights = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        block_size: i64,
+        hash_seed: Option<String>,
+        algorithm: &str,
+        max_keys: i64,
+        max_pods_per_key: i64,
+        shards: i64,
+        queue_capacity: i64,
+        tier_weights: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let (tier_weights, default_weight) = weights_from(tier_weights)?;
+        let cfg = IndexerConfig {
+            block_size: check_block_size(block_size)?,
+            hash_seed,
+            algorithm: parse_algorithm(algorithm)?,
+            max_keys: positive("max_keys", max_keys)?,
+            max_pods_per_key: positive("max_pods_per_key", max_pods_per_key)?,
+            shards: usize::try_from(shards).map_err(|_| invalid("shards must be >= 0".into()))?,
+            queue_capacity: positive("queue_capacity", queue_capacity)?,
+            tier_weights,
+            default_weight,
+            ..Default::default()
+        };
+        Ok(PyIndexer { ix: Arc::new(Indexer::new(cfg)?) })
+    }
+
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.ix.token_processor().block_size()
+    }
+    #[getter]
+    fn algorithm(&self) -> &'static str {
+        self.ix.token_processor().algorithm().name()
+    }
+    #[getter]
+    fn hash_seed(&self) -> Option<String> {
+        self.ix.token_processor().seed().map(str::to_owned)
+    }
+    #[getter]
+    fn shards(&self) -> usize {
+        self.ix.num_shards()
+    }
+
+    fn token_processor(&self) -> PyTokenProcessor {
+        PyTokenProcessor { tp: self.ix.token_processor().clone() }
+    }
+
+    #[pyo3(signature = (token_ids, *, lora_name = None, cache_salt = None))]
+    fn block_keys(
+        &self,
+        py: Python<'_>,
+        token_ids: &Bound<'_, PyAny>,
+        lora_name: Option<&str>,
+        cache_salt: Option<&str>,
+    ) -> PyResult<Vec<u64>> {
+        let toks = extract_tokens(token_ids)?;
+        let extras = Extras::for_request(lora_name, cache_salt);
+        let tp = self.ix.token_processor();
+        Ok(py.detach(|| tp.block_keys(&toks, &extras)))
+    }
+
+    fn submit(&self, py: Python<'_>, pod: &str, model: &str, seq: u64, payload: &[u8]) -> PyResult<bool> {
+        let data = payload.to_vec();
+        let ix = &self.ix;
+        Ok(py.detach(|| ix.submit(pod, model, Some(seq), data))?)
+    }
+
+    fn clear_pod(&self, py: Python<'_>, pod: &str) -> PyResult<()> {
+        let ix = &self.ix;
+        Ok(py.detach(|| ix.clear_pod(pod))?)
+    }
+
+    fn remove_pod(&self, py: Python<'_>, pod: &str) -> PyResult<()> {
+        let ix = &self.ix;
+        Ok(py.detach(|| ix.remove_pod(pod))?)
+    }
+
+    #[pyo3(signature = (timeout = None))]
+    fn flush(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let t = match timeout {
+            Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
+            Some(s) => return Err(invalid(format!("timeout must be a finite number >= 0, got {s}"))),
+            None => None,
+        };
+        let ix = &self.ix;
+        Ok(py.detach(|| ix.flush(t)))
+    }
+
+    #[pyo3(signature = (pod, model, payload, seq = None))]
+    fn apply(&self, py: Python<'_>, pod: &str, model: &str, payload: &[u8], seq: Option<u64>) -> PyResult<PyApplyResult> {
+        let ix = &self.ix;
+        let r = py.detach(|| ix.apply(pod, model, seq, payload))?;
+        Ok(PyApplyResult {
+            events: r.events,
+            stored_blocks: r.stored_blocks,
+            removed_blocks: r.removed_blocks,
+            cleared: r.cleared,
+            decode_errors: r.decode_errors,
+            unknown_event_types: r.unknown_event_types,
+            unknown_parents: r.unknown_parents,
+            dp_rank: r.dp_rank,
+        })
+    }
+
+    #[pyo3(signature = (pod, model, keys, tier = "GPU"))]
+    fn add_blocks(&self, py: Python<'_>, pod: &str, model: &str, keys: &Bound<'_, PyAny>, tier: &str) -> PyResult<()> {
+        let keys = extract_keys(keys)?;
+        let ix = &self.ix;
+        Ok(py.detach(|| ix.add_blocks(pod, model, &keys, tier))?)
+    }
+
+    #[pyo3(signature = (pod, model, keys, tier = "GPU"))]
+    fn remove_blocks(&self, py: Python<'_>, pod: &str, model: &str, keys: &Bound<'_, PyAny>, tier: &str) -> PyResult<()> {
+        let keys = extract_keys(keys)?;
+        let ix = &self.ix;
+        Ok(py.detach(|| ix.remove_blocks(pod, model, &keys, tier))?)
+    }
+
+    #[pyo3(signature = (model, token_ids, *, lora_name = None, cache_salt = None, pods = None))]
+    fn score(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        token_ids: &Bound<'_, PyAny>,
+        lora_name: Option<&str>,
+        cache_salt: Option<&str>,
+        pods: Option<Vec<String>>,
+    ) -> PyResult<PyScoreResult> {
+        let toks = extract_tokens(token_ids)?;
+        let extras = Extras::for_request(lora_name, cache_salt);
+        let ix = &self.ix;
+        let (r, total) = py.detach(|| {
+            let names: Option<Vec<&str>> = pods.as_ref().map(|v| v.iter().map(String::as_str).collect());
+            ix.score_tokens(model, &toks, &extras, names.as_deref())
+        });
+        self.convert(py, r, total, toks.len(), pods.as_deref())
+    }
+
+    #[pyo3(signature = (model, keys, *, pods = None))]
+    fn score_keys(&self, py: Python<'_>, model: &str, keys: &Bound<'_, PyAny>, pods: Option<Vec<String>>) -> PyResult<PyScoreResult> {
+        let keys = extract_keys(keys)?;
+        let ix = &self.ix;
+        let r = py.detach(|| {
+            let names: Option<Vec<&str>> = pods.as_ref().map(|v| v.iter().map(String::as_str).collect());
+            ix.score_keys(model, &keys, names.as_deref())
+        });
+        let bs = ix.token_processor().block_size();
+        self.convert(py, r, keys.len(), keys.len() * bs, pods.as_deref())
+    }
+
+    #[pyo3(signature = (model, keys, *, pods = None))]
+    fn lookup(&self, py: Python<'_>, model: &str, keys: &Bound<'_, PyAny>, pods: Option<Vec<String>>) -> PyResult<Vec<Vec<(String, String)>>> {
+        let keys = extract_keys(keys)?;
+        let ix = &self.ix;
+        let r = py.detach(|| {
+            let names: Option<Vec<&str>> = pods.as_ref().map(|v| v.iter().map(String::as_str).collect());
+            ix.lookup(model, &keys, names.as_deref())
+        });
+        Ok(r.into_iter().map(|v| v.into_iter().map(|(p, t)| (p.to_string(), t)).collect()).collect())
+    }
+
+    fn pod_state(&self, py: Python<'_>, pod: &str) -> Option<PyPodState> {
+        let ix = &self.ix;
+        py.detach(|| ix.pod_state(pod)).map(Into::into)
+    }
+
+    fn pod_states(&self, py: Python<'_>) -> Vec<PyPodState> {
+        let ix = &self.ix;
+        py.detach(|| ix.pod_states()).into_iter().map(Into::into).collect()
+    }
+
+    fn stats(&self, py: Python<'_>) -> PyIndexStats {
+        let ix = &self.ix;
+        let s = py.detach(|| ix.stats());
+        PyIndexStats {
+            keys: s.index.keys,
+            entries: s.index.entries,
+            key_evictions: s.index.key_evictions,
+            entry_evictions: s.index.entry_evictions,
+            bytes_used: s.index.bytes_used,
+            pods: s.pods,
+            models: s.models,
+            max_keys: s.index.max_keys,
+            max_pods_per_key: s.index.max_pods_per_key,
+        }
+    }
+
+    fn counters(&self) -> HashMap<&'static str, u64> {
+        self.ix.counters().into_iter().collect()
+    }
+
+    fn close(&self, py: Python<'_>) {
+        let ix = &self.ix;
+        py.detach(|| ix.close())
+    }
+
+    fn __repr__(&self) -> String {
+        let tp = self.ix.token_processor();
+        format!(
+            "Indexer(block_size={}, algorithm={:?}, shards={})",
+            tp.block_size(),
+            tp.algorithm().name(),
+            self.ix.num_shards()
+        )
+    }
+}
+
+#[pymodule(gil_used = false)]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("ALGORITHMS", PyTuple::new(py, Algorithm::ALL.iter().map(|a| a.name()))?)?;
+    m.add("KvIndexError", py.get_type::<KvIndexError>())?;
+    m.add("InvalidInputError", invalid_type(py))?;
+    m.add("ClosedError", closed_type(py))?;
+    m.add_class::<PyTokenProcessor>()?;
+    m.add_class::<PyIndexer>()?;
+    m.add_class::<PyScoreResult>()?;
+    m.add_class::<PyPodScore>()?;
+    m.add_class::<PyApplyResult>()?;
+    m.add_class::<PyPodState>()?;
+    m.add_class::<PyIndexStats>()?;
+    Ok(())
+}
