@@ -1,0 +1,189 @@
+"""Where the tokens of a cached text can be reused for a longer (or different) text.
+
+Tokenizing ``T`` as ``tokens(T[:c]) + tokens(T[c:])`` is only right when ``c`` is a boundary
+that the tokenizer itself would produce and that does not depend on what follows. For the
+byte-level BPE tokenizers of the GPT-4/Llama 3 family (no normalizer, a ``Split`` regex
+pre-tokenizer without look-behind, byte-level mapping, BPE inside each pre-token, added
+tokens matched before everything else) two kinds of cut are provably safe:
+
+Rule A -- a space after a non-space. If ``T[c] == " "`` and ``T[c-1]`` is not whitespace,
+    every alternative of the pre-tokenizer regex that covers ``T[c-1]`` (a letter run, a
+    contraction, at most three digits, or a punctuation run followed only by ``\\r``/``\\n``)
+    must end at ``c``; so whatever the alignment of the scan, a pre-token ends at ``c``. The
+    regex has no look-behind, so the scan of ``T[c:]`` equals the scan of ``T`` from ``c``;
+    and no match starting before ``c`` reads past ``T[c]``, so the tokens before ``c`` only
+    depend on ``T[:c+1]``. Added tokens never contain whitespace (checked), so none spans
+    ``c`` either.
+
+Rule C -- right after an added token shaped ``<|...|>``. Added tokens are split off before
+    pre-tokenization. When every added token starts with ``<|`` and contains ``|>`` only at
+    its end (checked), no added-token occurrence can span the end of one, so the text splits
+    there whatever comes next. This makes chat transcripts reusable at every ``<|eot_id|>``.
+
+:func:`analyze` decides from the tokenizer's own configuration whether these rules hold
+and disables reuse otherwise (exact full tokenization is then always used). The tests prove
+the rules empirically by splicing the real tokenizer at every candidate boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from kvindex_service.tokenization.prefix_store import Entry
+
+__all__ = ["SAFE_SPLIT_PATTERNS", "Cut", "SpliceRules", "analyze"]
+
+#: Split regexes for which rule A is proven (see the module docstring).
+SAFE_SPLIT_PATTERNS: frozenset[str] = frozenset(
+    {
+        # Llama 3 / GPT-4 cl100k family: digits in groups of up to three.
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        # Qwen2 family: the same with single digits.
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    }
+)
+
+# A non-whitespace character followed by an ASCII space. Zero-width and format characters
+# that some Unicode versions counted as whitespace are excluded from the left side.
+_SPACE_CUT = re.compile("[^\\s\u180e\u200b\u200c\u200d\u2060\ufeff] ")
+_FIRST_WINDOW = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """A safe cut: ``pos`` characters and the ``tokens`` of the cached entry before it."""
+
+    pos: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class SpliceRules:
+    """What the tokenizer allows; ``enabled`` is False when no reuse is provably exact."""
+
+    space_cut: bool
+    special_cut: bool
+    added_token_len: dict[int, int] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.space_cut or self.special_cut
+
+    def find_cut(self, text: str, limit: int, entry: Entry, floor: int = 1) -> Cut | None:
+        """The largest safe cut ``c`` with ``floor <= c`` inside ``text[:limit]``.
+
+        ``entry`` is the cached tokenization of a text that agrees with ``text`` on its first
+        ``limit`` characters. Rule A cuts need ``c < limit`` (the space itself must be shared);
+        rule C cuts need ``c <= limit``.
+        """
+        if not self.enabled or limit <= floor:
+            return None
+        width = _FIRST_WINDOW
+        while True:
+            lo = max(floor - 1, limit - width)
+            best = self._best_in_window(text, lo, limit, entry, floor)
+            if best is not None or lo <= floor - 1:
+                return best
+            width *= 4
+
+    def _best_in_window(
+        self, text: str, lo: int, limit: int, entry: Entry, floor: int
+    ) -> Cut | None:
+        best: Cut | None = None
+        if self.space_cut:
+            pos = -1
+            for m in _SPACE_CUT.finditer(text, lo, limit):
+                pos = m.start() + 1
+            if pos >= floor:
+                tokens = entry.tokens_before(pos)
+                # A token of the cached text must start exactly at the cut.
+                if tokens < len(entry.starts) and entry.starts[tokens] == pos:
+                    best = Cut(pos, tokens)
+        if self.special_cut:
+            lengths = self.added_token_len
+            end = limit
+            while True:
+                idx = text.rfind("|>", lo, end)
+                if idx < 0:
+                    break
+                pos = idx + 2
+                if best is not None and pos <= best.pos or pos < floor:
+                    break
+                tokens = entry.tokens_before(pos)
+                if tokens > 0:
+                    size = lengths.get(entry.ids[tokens - 1])
+                    if size is not None and entry.starts[tokens - 1] == pos - size:
+                        best = Cut(pos, tokens)
+                        break
+                end = idx + 1
+        return best
+
+
+def _disabled(reason: str) -> SpliceRules:
+    return SpliceRules(space_cut=False, special_cut=False, reason=reason)
+
+
+def _state(component: object) -> dict:
+    raw = component.__getstate__()  # type: ignore[attr-defined]
+    return json.loads(raw)
+
+
+def _pretokenizer_ok(state: dict) -> bool:
+    kind = state.get("type")
+    if kind == "Sequence":
+        steps = state.get("pretokenizers") or []
+        if len(steps) == 1:
+            return _pretokenizer_ok(steps[0])
+        if len(steps) != 2:
+            return False
+        split, byte_level = steps
+        pattern = (split.get("pattern") or {}).get("Regex")
+        return (
+            split.get("type") == "Split"
+            and pattern in SAFE_SPLIT_PATTERNS
+            and split.get("behavior") == "Isolated"
+            and not split.get("invert", False)
+            and byte_level.get("type") == "ByteLevel"
+            and not byte_level.get("add_prefix_space", True)
+            and not byte_level.get("use_regex", True)
+        )
+    if kind == "ByteLevel":
+        # GPT-2's built-in regex: ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+' plus
+        # contractions; rule A holds for it as well.
+        return bool(state.get("use_regex", True)) and not state.get("add_prefix_space", True)
+    return False
+
+
+def analyze(tokenizer: Tokenizer) -> SpliceRules:
+    """Decide which cuts are exact for ``tokenizer`` (conservatively: unknown means none)."""
+    if tokenizer.normalizer is not None:
+        return _disabled("tokenizer has a normalizer")
+    if tokenizer.pre_tokenizer is None or not _pretokenizer_ok(_state(tokenizer.pre_tokenizer)):
+        return _disabled("pre-tokenizer is not a known byte-level regex split")
+    if type(tokenizer.model).__name__ != "BPE" or getattr(tokenizer.model, "dropout", None):
+        return _disabled("model is not a deterministic BPE")
+    added = tokenizer.get_added_tokens_decoder()
+    lengths: dict[int, int] = {}
+    special_shape = True
+    for token_id, tok in added.items():
+        content = tok.content
+        if tok.lstrip or tok.rstrip or tok.single_word or any(ch.isspace() for ch in content):
+            return _disabled(f"added token {content!r} strips or contains whitespace")
+        if content.startswith("<|") and content.find("|>") == len(content) - 2 > 0:
+            lengths[token_id] = len(content)
+        else:
+            special_shape = False
+    return SpliceRules(
+        space_cut=True,
+        special_cut=special_shape and bool(lengths),
+        added_token_len=lengths if special_shape else {},
+    )
