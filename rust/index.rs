@@ -64,6 +64,10 @@ struct Node {
     prev: u32,
     next: u32,
     entries: Entries,
+    /// Set by lookups; eviction gives such a key a second chance instead of evicting it.
+    /// Reads thus never relink the list (no extra cache misses on the scoring path), and a
+    /// key read since it reached the tail is kept, which is LRU order up to that lag.
+    referenced: bool,
 }
 
 #[derive(Default)]
@@ -167,7 +171,15 @@ impl Shard {
     }
 
     fn evict_tail(&mut self) {
-        let t = self.tail;
+        let mut t = self.tail;
+        // second chance for keys read since they were last moved; each pass clears a flag,
+        // so this ends after at most one trip around the list
+        while t != NIL && self.nodes[t as usize].referenced {
+            self.nodes[t as usize].referenced = false;
+            self.unlink(t);
+            self.push_front(t);
+            t = self.tail;
+        }
         if t == NIL {
             return;
         }
@@ -193,7 +205,7 @@ impl Shard {
         while self.map.len() >= self.cap {
             self.evict_tail();
         }
-        let node = Node { ikey, prev: NIL, next: NIL, entries: Entries::new() };
+        let node = Node { ikey, prev: NIL, next: NIL, entries: Entries::new(), referenced: false };
         let i = match self.free.pop() {
             Some(i) => {
                 self.nodes[i as usize] = node;
@@ -368,15 +380,16 @@ impl BlockIndex {
         (d != [0; 24]).then_some(d)
     }
 
-    /// Copy the entries of `key` into `out` (cleared first) and mark the key recently used.
-    /// Returns false when the key is absent.
+    /// Copy the entries of `key` into `out` (cleared first) and mark the key referenced
+    /// (it survives the next eviction pass). Returns false when the key is absent.
     pub fn lookup_into(&self, model: ModelId, key: BlockKey, out: &mut SmallVec<[u32; 16]>) -> bool {
         out.clear();
         let ik = model_key(model, key);
         let mut s = self.shard(ik).lock();
         let Some(&i) = s.map.get(&ik) else { return false };
-        out.extend_from_slice(&s.nodes[i as usize].entries);
-        s.touch(i);
+        let node = &mut s.nodes[i as usize];
+        out.extend_from_slice(&node.entries);
+        node.referenced = true;
         true
     }
 
