@@ -9,7 +9,7 @@ use std::time::Duration;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use crate::error::Error;
 use crate::hashing::{Algorithm, Extras, TokenProcessor};
@@ -63,26 +63,52 @@ fn invalid(msg: String) -> PyErr {
     Error::InvalidInput(msg).into()
 }
 
-/// Token ids from any Python sequence of ints, each in 0..2^32-1.
+/// The common case, a list of small ints, read straight from the list's item array
+/// (~10x faster than the generic sequence protocol). `None` sends the caller to the generic
+/// path, which also produces the precise error.
+fn list_fast_path<T>(obj: &Bound<'_, PyAny>, conv: impl Fn(i128) -> Option<T>) -> Option<Vec<T>> {
+    let list = obj.cast::<PyList>().ok()?;
+    let n = list.len();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: `i < len` of a list we hold a reference to while attached to the
+        // interpreter (this module targets GIL-enabled CPython); the item is borrowed.
+        let item = unsafe { pyo3::ffi::PyList_GET_ITEM(list.as_ptr(), i as pyo3::ffi::Py_ssize_t) };
+        if unsafe { pyo3::ffi::PyLong_CheckExact(item) } == 0 {
+            return None;
+        }
+        let mut overflow: std::os::raw::c_int = 0;
+        let v = unsafe { pyo3::ffi::PyLong_AsLongLongAndOverflow(item, &mut overflow) };
+        if overflow != 0 {
+            return None;
+        }
+        out.push(conv(v as i128)?);
+    }
+    Some(out)
+}
+
+/// Token ids from any Python sequence of ints, each in 0..2^32-1. The fast path is pyo3's
+/// sequence extraction; the slow path only runs to name the offending element.
 fn extract_tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<PyBytes>() {
         return Err(invalid("token_ids must be a sequence of ints, not a string".into()));
     }
-    let n = obj.len().unwrap_or(0);
-    let mut out = Vec::with_capacity(n);
+    if let Some(v) = list_fast_path(obj, |x| u32::try_from(x).ok()) {
+        return Ok(v);
+    }
     let it = obj.try_iter().map_err(|_| invalid("token_ids must be a sequence of ints".into()))?;
+    let mut out = Vec::new();
     for (i, item) in it.enumerate() {
-        let item = item?;
-        if item.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(invalid(format!("token_ids[{i}] is a bool, not an int")));
-        }
-        let v: i128 = item.extract().map_err(|_| invalid(format!("token_ids[{i}] is not an int")))?;
+        let v: i128 = item?.extract().map_err(|_| invalid(format!("token_ids[{i}] is not an int")))?;
         out.push(u32::try_from(v).map_err(|_| invalid(format!("token_ids[{i}] = {v} is outside 0..4294967295")))?);
     }
     Ok(out)
 }
 
 fn extract_keys(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    if let Some(v) = list_fast_path(obj, |x| u64::try_from(x).ok()) {
+        return Ok(v);
+    }
     let it = obj.try_iter().map_err(|_| invalid("keys must be a sequence of ints".into()))?;
     let mut out = Vec::new();
     for (i, item) in it.enumerate() {
