@@ -1,0 +1,262 @@
+"""The discrete-event run loop: one fresh fleet per router, the same request stream for all.
+
+Simulated time drives the service model (prefill per uncached token, decode per output
+token, a cap on concurrently running requests per pod) and runs as fast as the machine
+allows. The KV events are nevertheless real: pods publish on ZMQ sockets as their pools
+change, and a kvindex router waits, before deciding at time t, until kvindex has applied
+everything published up to t. A run is therefore deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from kvindex_service import TokenProcessor
+
+from .pod import Allocation, BlockPool, EventPublisher, SimPod
+from .routers import Router, make_router
+from .workloads import Request
+
+__all__ = ["FleetConfig", "RequestRecord", "RouterRun", "ServiceModel", "run_router", "simulate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceModel:
+    """Modeled engine speed. Defaults are in the range of an 8B model on one modern GPU."""
+
+    prefill_s_per_token: float = 0.0002
+    decode_s_per_token: float = 0.02
+    max_running: int = 8
+    """Requests a pod runs at once; the others wait in FIFO order (as vLLM's scheduler)."""
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    pods: int = 3
+    pod_capacity: int = 1024
+    """KV blocks per pod."""
+    block_size: int = 16
+    model: str = "sim/llama-3-8b"
+    hash_seed: str | None = None
+    first_port: int = 18001
+    replay_buffer: int = 1000
+    service: ServiceModel = field(default_factory=ServiceModel)
+
+    def pod_ids(self) -> list[str]:
+        """Names shaped like routable ``ip:port`` endpoints; nothing connects to them."""
+        return [f"127.0.0.1:{self.first_port + i}" for i in range(self.pods)]
+
+
+@dataclass
+class RequestRecord:
+    rid: int
+    pod: int
+    arrival: float
+    prompt_tokens: int
+    output_tokens: int
+    session: str | None
+    cached_tokens: int = 0
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    rejected: bool = False
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+
+@dataclass
+class RouterRun:
+    """Everything one router's run produced; ``report`` turns it into numbers."""
+
+    router: str
+    pod_ids: list[str]
+    records: list[RequestRecord]
+    evictions: list[int]
+    router_stats: dict[str, Any]
+    wall_seconds: float
+
+
+class _Server:
+    def __init__(self, pod: SimPod) -> None:
+        self.pod = pod
+        self.running = 0
+        self.waiting: deque[Request] = deque()
+
+
+class _Fleet:
+    """The FleetView routers see."""
+
+    def __init__(self, pods: list[SimPod]) -> None:
+        self._pods = pods
+        self.servers = [_Server(p) for p in pods]
+        self._now = 0.0
+
+    @property
+    def pods(self) -> Sequence[SimPod]:
+        return self._pods
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    def load(self, i: int) -> int:
+        s = self.servers[i]
+        return s.running + len(s.waiting)
+
+
+_ARRIVAL, _FINISH = 0, 1
+
+
+def _build_pods(cfg: FleetConfig, ctx: zmq.Context[Any] | None) -> list[SimPod]:
+    processor = TokenProcessor(cfg.block_size, cfg.hash_seed, "sha256_cbor")
+    pods: list[SimPod] = []
+    try:
+        for pod_id in cfg.pod_ids():
+            pub = None
+            if ctx is not None:
+                pub = EventPublisher(
+                    ctx,
+                    pod_id,
+                    cfg.model,
+                    replay_endpoint="tcp://127.0.0.1:*",
+                    buffer_steps=cfg.replay_buffer,
+                )
+            pods.append(SimPod(pod_id, BlockPool(cfg.pod_capacity, cfg.block_size), processor, pub))
+    except BaseException:
+        for p in pods:
+            if p.publisher is not None:
+                p.publisher.close()
+        raise
+    return pods
+
+
+def run_router(
+    router: Router,
+    requests: Sequence[Request],
+    cfg: FleetConfig,
+    *,
+    on_request: Callable[[], None] | None = None,
+) -> RouterRun:
+    """Serve ``requests`` on a fresh fleet routed by ``router`` (closed afterwards)."""
+    started = time.perf_counter()
+    ctx: zmq.Context[Any] | None = zmq.Context() if router.needs_events else None
+    pods: list[SimPod] = []
+    try:
+        pods = _build_pods(cfg, ctx)
+        fleet = _Fleet(pods)
+        router.bind(fleet, zmq_context=ctx, model=cfg.model, hash_seed=cfg.hash_seed)
+        records = _serve(router, fleet, requests, cfg.service, on_request)
+        stats = router.stats()
+    finally:
+        router.close()
+        for p in pods:
+            if p.publisher is not None:
+                p.publisher.close()
+        if ctx is not None:
+            ctx.term()
+    return RouterRun(
+        router=router.name,
+        pod_ids=[p.pod_id for p in pods],
+        records=records,
+        evictions=[p.pool.evictions for p in pods],
+        router_stats=stats,
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _serve(
+    router: Router,
+    fleet: _Fleet,
+    requests: Sequence[Request],
+    service: ServiceModel,
+    on_request: Callable[[], None] | None,
+) -> list[RequestRecord]:
+    records: dict[int, RequestRecord] = {}
+    heap: list[tuple[float, int, int, Any]] = []
+    order = 0
+    for req in requests:
+        heap.append((req.arrival, order, _ARRIVAL, req))
+        order += 1
+    heapq.heapify(heap)
+
+    def try_admit(i: int, now: float) -> None:
+        nonlocal order
+        server = fleet.servers[i]
+        pod = server.pod
+        while server.waiting and server.running < service.max_running:
+            req = server.waiting[0]
+            rec = records[req.rid]
+            if pod.blocks_needed(req.prompt_len, req.output_len) > pod.pool.capacity:
+                server.waiting.popleft()
+                rec.rejected = True
+                log.warning("request %d needs more blocks than pod capacity; rejected", req.rid)
+                continue
+            alloc = pod.admit(req.token_ids, req.output_len, now)
+            if alloc is None:
+                break  # FCFS: wait until a finishing request frees blocks
+            server.waiting.popleft()
+            server.running += 1
+            cached = alloc.hit_blocks * pod.block_size
+            rec.cached_tokens = cached
+            rec.admitted = now
+            rec.first_token = now + (req.prompt_len - cached) * service.prefill_s_per_token
+            rec.finished = rec.first_token + req.output_len * service.decode_s_per_token
+            heapq.heappush(heap, (rec.finished, order, _FINISH, (i, req, alloc)))
+            order += 1
+
+    while heap:
+        now, _, kind, item = heapq.heappop(heap)
+        fleet._now = now
+        if kind == _ARRIVAL:
+            req: Request = item
+            i = router.pick(req, fleet)
+            if not 0 <= i < len(fleet.servers):
+                raise RuntimeError(f"router {router.name} picked pod {i} of {len(fleet.servers)}")
+            records[req.rid] = RequestRecord(
+                rid=req.rid,
+                pod=i,
+                arrival=req.arrival,
+                prompt_tokens=req.prompt_len,
+                output_tokens=req.output_len,
+                session=req.session,
+            )
+            fleet.servers[i].waiting.append(req)
+            try_admit(i, now)
+            if on_request is not None:
+                on_request()
+        else:
+            i, req, alloc = item
+            assert isinstance(alloc, Allocation)
+            fleet.servers[i].pod.finish(alloc, req.token_ids + req.output_ids, now)
+            fleet.servers[i].running -= 1
+            try_admit(i, now)
+    return [records[r.rid] for r in requests]
+
+
+def simulate(
+    requests: Sequence[Request],
+    cfg: FleetConfig,
+    routers: Sequence[str],
+    *,
+    seed: int,
+    on_request: Callable[[], None] | None = None,
+) -> list[RouterRun]:
+    """Run every named router on the same requests, each on its own fresh fleet."""
+    runs: list[RouterRun] = []
+    for name in routers:
+        router = make_router(name, seed)
+        log.info("simulating router %s on %d requests", name, len(requests))
+        runs.append(run_router(router, requests, cfg, on_request=on_request))
+    return runs

@@ -1,0 +1,222 @@
+"""kvindex's view of a simulated fleet: a fresh Indexer fed over real ZMQ sockets.
+
+The simulator needs deterministic results, so before each routing decision at simulated
+time t it waits until kvindex has applied every batch the pods published up to t. It
+knows what "every batch" means because it knows each publisher's last sequence number,
+and the core records the last applied sequence number per pod.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import zmq
+
+from kvindex_service import Indexer
+
+from .pod import SimPod
+
+__all__ = ["AccuracyStats", "IngestTimeout", "KvindexFeed"]
+
+log = logging.getLogger(__name__)
+
+
+class IngestTimeout(RuntimeError):
+    """kvindex did not apply the published events in time (lost messages, stuck subscriber)."""
+
+
+class _SubscriberLike(Protocol):
+    def add_pod(
+        self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None
+    ) -> Any: ...
+    def start(self) -> Any: ...
+    def stop(self) -> Any: ...
+    def sync(self, timeout: float | None = None) -> Any: ...
+
+
+class _FallbackSubscriber:
+    """A minimal SUB loop used only while ``kvindex_service.events`` is unavailable: connect
+    to each pod, check the frames, hand batches to ``Indexer.submit``."""
+
+    def __init__(self, indexer: Indexer, ctx: zmq.Context[Any]) -> None:
+        self._indexer = indexer
+        self._ctx = ctx
+        self._endpoints: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self.malformed = 0
+
+    def add_pod(
+        self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None
+    ) -> None:
+        del pod_id, replay_endpoint
+        self._endpoints.append(endpoint)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sim-sub", daemon=True)
+        self._thread.start()
+        self._ready.wait(10.0)
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"kv@")
+        for ep in self._endpoints:
+            sock.connect(ep)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(20, zmq.POLLIN):
+                    continue
+                frames = sock.recv_multipart()
+                parts = frames[0].decode("utf-8", "replace").split("@", 2) if frames else []
+                if len(frames) != 3 or len(frames[1]) != 8 or len(parts) != 3:
+                    self.malformed += 1
+                    continue
+                seq = struct.unpack(">Q", frames[1])[0]
+                self._indexer.submit(parts[1], parts[2], seq, frames[2])
+        finally:
+            sock.close()
+
+    def sync(self, timeout: float | None = None) -> bool:
+        return self._indexer.flush(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _make_subscriber(indexer: Indexer, ctx: zmq.Context[Any]) -> tuple[_SubscriberLike, str]:
+    try:
+        from kvindex_service.events import Subscriber
+    except ImportError:
+        log.warning("kvindex_service.events not available; using the simulator's own SUB loop")
+        return _FallbackSubscriber(indexer, ctx), "sim-fallback"
+    return Subscriber(indexer), "kvindex_service.events.Subscriber"
+
+
+@dataclass
+class AccuracyStats:
+    """Index view of the chosen pod vs. that pod's true block pool, per prompt block."""
+
+    decisions: int = 0
+    blocks: int = 0
+    false_hits: int = 0
+    """Blocks the index says the pod holds but its pool does not."""
+    false_misses: int = 0
+    """Blocks the pool holds but the index does not know about."""
+    prefix_mismatches: int = 0
+    """Decisions where the index's matched prefix length differed from the true one."""
+
+    @property
+    def accuracy(self) -> float | None:
+        if not self.blocks:
+            return None
+        return 1.0 - (self.false_hits + self.false_misses) / self.blocks
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "decisions": self.decisions,
+            "blocks": self.blocks,
+            "false_hit_blocks": self.false_hits,
+            "false_miss_blocks": self.false_misses,
+            "prefix_mismatch_decisions": self.prefix_mismatches,
+            "accuracy": self.accuracy,
+        }
+
+
+class KvindexFeed:
+    """An Indexer subscribed to every pod's publisher, with a deterministic ``sync``."""
+
+    def __init__(
+        self,
+        pods: Sequence[SimPod],
+        ctx: zmq.Context[Any],
+        *,
+        model: str,
+        hash_seed: str | None = None,
+        sync_timeout: float = 30.0,
+    ) -> None:
+        if not pods or any(p.publisher is None for p in pods):
+            raise ValueError("kvindex needs every simulated pod to publish events")
+        self.pods = list(pods)
+        self.model = model
+        self.sync_timeout = sync_timeout
+        self.indexer = Indexer(
+            block_size=pods[0].block_size, hash_seed=hash_seed, algorithm="sha256_cbor", shards=1
+        )
+        self.accuracy = AccuracyStats()
+        self.sync_waits = 0
+        self.subscriber, self.subscriber_kind = _make_subscriber(self.indexer, ctx)
+        for p in self.pods:
+            assert p.publisher is not None
+            self.subscriber.add_pod(
+                p.publisher.endpoint, pod_id=p.pod_id, replay_endpoint=p.publisher.replay_endpoint
+            )
+        self.subscriber.start()
+        for p in self.pods:
+            assert p.publisher is not None
+            if not p.publisher.wait_subscribed(10.0):
+                self.close()
+                raise IngestTimeout(f"kvindex did not subscribe to pod {p.pod_id} within 10 s")
+
+    def sync(self) -> None:
+        """Return once kvindex has applied every batch published so far."""
+        deadline = time.monotonic() + self.sync_timeout
+        pending = [p for p in self.pods if p.publisher is not None and p.publisher.last_seq is not None]
+        while pending:
+            self.subscriber.sync(1.0)
+            still = []
+            for p in pending:
+                assert p.publisher is not None
+                state = self.indexer.pod_state(p.pod_id)
+                target = p.publisher.last_seq
+                if state is None or state.last_seq is None or target is None or state.last_seq < target:
+                    still.append(p)
+            pending = still
+            if pending:
+                self.sync_waits += 1
+                if time.monotonic() > deadline:
+                    raise IngestTimeout(
+                        f"kvindex did not apply events of {[p.pod_id for p in pending]} "
+                        f"within {self.sync_timeout} s"
+                    )
+                time.sleep(0.0001)
+
+    def check(self, pod: SimPod, token_ids: Sequence[int]) -> None:
+        """Compare the index's view of ``pod`` with its true pool for this prompt."""
+        keys = self.indexer.block_keys(token_ids)
+        held = self.indexer.lookup(self.model, keys, pods=[pod.pod_id])
+        acc = self.accuracy
+        acc.decisions += 1
+        acc.blocks += len(keys)
+        idx_prefix = true_prefix = 0
+        idx_run = true_run = True
+        for key, entries in zip(keys, held, strict=True):
+            in_index = bool(entries)
+            in_pool = pod.pool.holds(key)
+            if in_index and not in_pool:
+                acc.false_hits += 1
+            elif in_pool and not in_index:
+                acc.false_misses += 1
+            idx_run = idx_run and in_index
+            true_run = true_run and in_pool
+            idx_prefix += idx_run
+            true_prefix += true_run
+        if idx_prefix != true_prefix:
+            acc.prefix_mismatches += 1
+
+    def close(self) -> None:
+        try:
+            self.subscriber.stop()
+        finally:
+            self.indexer.close()
