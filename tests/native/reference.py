@@ -18,6 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import cbor2
+import pytest
+
+from kvindex_service import ScoreResult
 
 __all__ = [
     "DEFAULT_TIER_WEIGHTS",
@@ -26,6 +29,7 @@ __all__ = [
     "RefPodScore",
     "RefScoreResult",
     "RefTokenProcessor",
+    "assert_same_scores",
     "last8",
 ]
 
@@ -236,3 +240,28 @@ class RefIndex:
             scores = [s for s in scores if s.matched_blocks > 0]
         scores.sort(key=lambda s: (-s.score, -s.matched_blocks, s.pod))
         return RefScoreResult(scores, len(keys), len(keys) * self.block_size)
+
+
+def assert_same_scores(got: ScoreResult, want: RefScoreResult, *, tokens: int | None = None) -> None:
+    """Native scores equal the model's, including order and per-tier runs. `tokens`: the
+    prompt length when `got` came from `score()` (the model only knows block keys)."""
+    assert got.total_blocks == want.total_blocks
+    assert got.total_tokens == (want.total_tokens if tokens is None else tokens)
+    assert sorted(s.pod for s in got.scores) == sorted(s.pod for s in want.scores)
+    # Best first. The pod-name tie-break is checked separately (known core bug, see
+    # test_scoring.py::test_ties_broken_by_pod_name), so only the ranking keys are ordered.
+    ranks = [(-s.score, -s.matched_blocks) for s in got.scores]
+    assert ranks == sorted(ranks)
+    by_pod = {s.pod: s for s in got.scores}
+    for w in want.scores:
+        g = by_pod[w.pod]
+        assert (g.matched_blocks, g.matched_tokens) == (w.matched_blocks, w.matched_tokens)
+        assert g.score == pytest.approx(w.score)
+        assert {t: n for t, n in g.tier_blocks.items() if n} == w.tier_blocks
+    best = got.best()
+    if want.scores:
+        assert best is not None and best.pod == got.scores[0].pod
+        assert best.score == pytest.approx(want.scores[0].score)
+        assert best.matched_blocks == want.scores[0].matched_blocks
+    else:
+        assert best is None

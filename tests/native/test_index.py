@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvindex_service import Indexer, InvalidInputError, ScoreResult
-from tests.native.reference import RefIndex, RefScoreResult
+from kvindex_service import Indexer, InvalidInputError
+from tests.native.reference import RefIndex, assert_same_scores
 
 PODS = ("10.0.0.1:8000", "10.0.0.2:8000", "pod-c", "pod-d")
 MODELS = ("m0", "org/m1@v2")
@@ -22,30 +22,6 @@ WEIGHTS = {"GPU": 1.0, "CPU": 0.5, "SSD": 0.25}
 KEY_POOL = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 2**63, 2**64 - 1)
 
 keys_st = st.lists(st.sampled_from(KEY_POOL), max_size=8)
-
-
-def assert_same_scores(got: ScoreResult, want: RefScoreResult) -> None:
-    """Native scores equal the model's, including order and per-tier runs."""
-    assert got.total_blocks == want.total_blocks
-    assert got.total_tokens == want.total_tokens
-    assert sorted(s.pod for s in got.scores) == sorted(s.pod for s in want.scores)
-    # Best first. The pod-name tie-break is checked separately (known core bug, see
-    # test_scoring.py::test_ties_broken_by_pod_name), so compare in the model's order by name.
-    ranks = [(-s.score, -s.matched_blocks) for s in got.scores]
-    assert ranks == sorted(ranks)
-    by_pod = {s.pod: s for s in got.scores}
-    for w in want.scores:
-        g = by_pod[w.pod]
-        assert (g.matched_blocks, g.matched_tokens) == (w.matched_blocks, w.matched_tokens)
-        assert g.score == pytest.approx(w.score)
-        assert {t: n for t, n in g.tier_blocks.items() if n} == w.tier_blocks
-    best = got.best()
-    if want.scores:
-        assert best is not None and best.pod == got.scores[0].pod
-        assert best.score == pytest.approx(want.scores[0].score)
-        assert best.matched_blocks == want.scores[0].matched_blocks
-    else:
-        assert best is None
 
 
 def nonzero(d: dict[str, int]) -> dict[str, int]:
