@@ -1,0 +1,153 @@
+"""Configuration of the endpoint picker.
+
+One pydantic model, independent of the Envoy body mode: the picker learns the mode of every
+stream from the ``protocol_config`` Envoy puts in the stream's first message, so the same
+picker serves listeners configured BUFFERED, STREAMED or FULL_DUPLEX_STREAMED.
+
+The policy defaults are explained in ``docs/extproc.md`` ("Default policy and why"); the
+short version is on each field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["DEFAULT_SESSION_HEADER", "ExtprocConfig", "PolicyWeights", "parse_endpoint"]
+
+DEFAULT_SESSION_HEADER = "x-session-id"
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """Split ``ip:port`` (``[v6]:port`` for IPv6) and check both halves.
+
+    Envoy's ORIGINAL_DST cluster connects to the literal address in the header, so a host
+    name would not be resolved there: only IP literals are accepted.
+    """
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"endpoint {value!r}: expected [ipv6]:port")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"endpoint {value!r}: expected ip:port")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"endpoint {value!r}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"endpoint {value!r}: bad port {port_text!r}")
+    return host, int(port_text)
+
+
+class PolicyWeights(BaseModel):
+    """Weights of the utility ``kv * prefix_fraction - load * extra_inflight``.
+
+    ``prefix_fraction`` is the tier-weighted share of the prompt's full blocks an endpoint
+    already holds (0..1); ``extra_inflight`` is how many more requests the endpoint has in
+    flight than the least loaded eligible endpoint. With the defaults, one extra in-flight
+    request costs as much as a quarter of the prompt: an endpoint holding the whole prompt
+    keeps winning until it runs four requests more than an idle peer, then traffic spills.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kv: float = Field(1.0, ge=0.0, description="weight of the cached prefix fraction")
+    load: float = Field(0.25, ge=0.0, description="cost of one extra in-flight request")
+
+
+class ExtprocConfig(BaseModel):
+    """Everything the picker needs; all fields have working defaults except the endpoints
+    (which may also come per request from Envoy's subset hint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="eligible ip:port endpoints when Envoy sends no subset hint",
+    )
+    scorer_url: str | None = Field(
+        None, description="base URL of the scoring service (POST {url}/score); None = no KV"
+    )
+    timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        description="scorer deadline; past it the pick is made by load and affinity",
+    )
+    session_header: str = Field(DEFAULT_SESSION_HEADER, min_length=1)
+    weights: PolicyWeights = Field(default_factory=PolicyWeights)
+    affinity_margin: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="prefix fraction another endpoint must hold beyond the session's own "
+        "endpoint to pull the session away",
+    )
+    affinity_max_load_gap: int = Field(
+        4,
+        ge=0,
+        description="a session leaves its endpoint when that endpoint has this many more "
+        "in-flight requests than the least loaded eligible one",
+    )
+    max_sessions: int = Field(100_000, ge=0, description="session table bound (LRU)")
+    session_ttl_s: float = Field(900.0, gt=0, description="idle sessions are forgotten")
+    max_inflight: int | None = Field(
+        None,
+        ge=1,
+        description="per-endpoint in-flight cap: endpoints at the cap are skipped, and when "
+        "every eligible endpoint is at it the request is shed with 429",
+    )
+    release_on: Literal["response_headers", "response_end"] = Field(
+        "response_headers",
+        description="when an in-flight request stops counting: at the response headers, or "
+        "at the end of the response (needs Envoy to send the response body or trailers; "
+        "the stream's end always releases)",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="larger OpenAI bodies get 413"
+    )
+    max_subset: int = Field(4096, ge=1, description="longest subset hint accepted")
+    assume_full_duplex: bool = Field(
+        False,
+        description="for Envoy versions that send no protocol_config: treat request bodies "
+        "as FULL_DUPLEX_STREAMED instead of BUFFERED/STREAMED",
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="consecutive scorer failures that open the circuit breaker"
+    )
+    breaker_cooldown_s: float = Field(
+        2.0, ge=0.0, description="while open, requests skip the scorer; then one probe"
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port, 0 = off")
+    metrics_host: str = "0.0.0.0"
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: list[str]) -> list[str]:
+        seen: list[str] = []
+        for item in value:
+            parse_endpoint(item)
+            ep = item.strip()
+            if ep not in seen:
+                seen.append(ep)
+        return seen
+
+    @field_validator("session_header")
+    @classmethod
+    def _lower_header(cls, value: str) -> str:
+        # Envoy hands header names to ext_proc in lower case.
+        return value.strip().lower()
+
+    @field_validator("scorer_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"scorer_url {value!r}: expected http:// or https://")
+        return value

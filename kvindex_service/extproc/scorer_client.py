@@ -1,0 +1,229 @@
+"""Scorer adapters: the one place the picker talks to the scoring service.
+
+The picker only needs, per candidate endpoint, how much of the prompt it already holds.
+:class:`Scorer` is that contract; two adapters implement it:
+
+* :class:`HttpScorer` -- ``POST {scorer_url}/score`` on a keep-alive ``httpx.AsyncClient``
+  (the usual deployment: the picker runs next to Envoy, the index is a separate service);
+* :class:`InProcessScorer` -- awaits ``kvindex_service.scoring.ScoringService.score``
+  directly (one process runs both; also what the fleet simulator uses).
+
+Both return :class:`KvScores` and raise only :class:`ScorerError` subclasses, so the picker's
+fail-open logic is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+
+from kvindex_service.extproc.prompt import PromptQuery
+
+__all__ = [
+    "HttpScorer",
+    "InProcessScorer",
+    "KvScores",
+    "Scorer",
+    "ScorerError",
+    "ScorerRejected",
+    "ScorerTimeout",
+    "kv_scores_from_json",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ScorerError(Exception):
+    """The scorer could not answer (down, 5xx, bad answer)."""
+
+    outcome = "error"
+
+
+class ScorerTimeout(ScorerError):
+    outcome = "timeout"
+
+
+class ScorerRejected(ScorerError):
+    """The scorer refused this prompt (unknown model, bad messages): not a health problem."""
+
+    outcome = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class KvScores:
+    """Per endpoint, the tier-weighted share of the prompt's full blocks it holds (0..1)."""
+
+    total_blocks: int
+    fractions: Mapping[str, float] = field(default_factory=dict)
+    matched_blocks: Mapping[str, int] = field(default_factory=dict)
+
+    def fraction(self, endpoint: str) -> float:
+        return self.fractions.get(endpoint, 0.0)
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    async def score(self, query: PromptQuery, pods: Sequence[str]) -> KvScores:
+        """Score ``query`` for the candidate ``pods``; raise :class:`ScorerError`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _fraction(score: float, matched: int, total: int) -> float:
+    if total <= 0:
+        return 0.0
+    # ``score`` sums the best tier weight per matched block, so score/total is the weighted
+    # share; clamp in case a future tier weighs more than 1.
+    value = score / total if score else 0.0
+    if value <= 0.0 and matched > 0:
+        value = matched / total
+    return max(0.0, min(1.0, value))
+
+
+def kv_scores_from_json(data: Any) -> KvScores:
+    """Read the scoring service's JSON answer (``scores`` list plus ``total_blocks``)."""
+    if not isinstance(data, dict):
+        raise ScorerError("scorer answer is not a JSON object")
+    total = data.get("total_blocks", 0)
+    rows = data.get("scores") or []
+    if not isinstance(total, int) or not isinstance(rows, list):
+        raise ScorerError("scorer answer lacks total_blocks/scores")
+    fractions: dict[str, float] = {}
+    matched: dict[str, int] = {}
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("pod"), str):
+            continue
+        blocks = row.get("matched_blocks", 0)
+        score = row.get("score", 0.0)
+        if not isinstance(blocks, int) or not isinstance(score, (int, float)):
+            continue
+        fractions[row["pod"]] = _fraction(float(score), blocks, total)
+        matched[row["pod"]] = blocks
+    return KvScores(total_blocks=total, fractions=fractions, matched_blocks=matched)
+
+
+def _request_json(query: PromptQuery, pods: Sequence[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": query.model, "pods": list(pods)}
+    if query.messages is not None:
+        body["messages"] = query.messages
+        if query.chat_options:
+            body.update(query.chat_options)
+    elif query.token_ids is not None:
+        body["token_ids"] = query.token_ids
+    else:
+        body["prompt"] = query.prompt or ""
+    return body
+
+
+class HttpScorer:
+    """``POST {base_url}/score`` with a hard deadline of ``timeout_ms`` per call.
+
+    One keep-alive connection pool is reused for every request, so the steady-state cost is
+    one loopback/cluster round trip plus the scoring itself. The deadline is enforced with
+    ``asyncio.timeout`` around the whole exchange (httpx's own timeouts are per phase).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_ms: float = 50.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._url = base_url.rstrip("/") + "/score"
+        self._timeout = timeout_ms / 1000.0
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(max(self._timeout, 0.001)),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+            trust_env=False,  # the scorer is cluster-internal: never via an HTTP proxy
+            headers={"content-type": "application/json"},
+        )
+
+    async def score(self, query: PromptQuery, pods: Sequence[str]) -> KvScores:
+        payload = json.dumps(_request_json(query, pods), separators=(",", ":"))
+        try:
+            async with asyncio.timeout(self._timeout):
+                resp = await self._client.post(self._url, content=payload)
+                content = await resp.aread()
+        except TimeoutError:
+            raise ScorerTimeout(f"scorer did not answer within {self._timeout * 1000:.0f} ms") from None
+        except httpx.TimeoutException as exc:
+            raise ScorerTimeout(f"scorer timed out: {exc!r}") from None
+        except httpx.HTTPError as exc:
+            raise ScorerError(f"scorer unreachable: {exc!r}") from None
+        if 400 <= resp.status_code < 500:
+            raise ScorerRejected(f"scorer answered {resp.status_code}: {content[:200]!r}")
+        if resp.status_code != 200:
+            raise ScorerError(f"scorer answered {resp.status_code}")
+        try:
+            data = json.loads(content)
+        except ValueError:
+            raise ScorerError("scorer answer is not JSON") from None
+        return kv_scores_from_json(data)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class InProcessScorer:
+    """Adapter over an in-process ``ScoringService`` (``await service.score(ScoreRequest)``).
+
+    The request class is looked up on first use so importing the picker never imports the
+    scoring service (and its tokenizers) when it is not used.
+    """
+
+    def __init__(self, service: Any, *, timeout_ms: float | None = 50.0, request_cls: Any = None) -> None:
+        self._service = service
+        self._timeout = timeout_ms / 1000.0 if timeout_ms else None
+        self._request_cls = request_cls
+        self._fields: frozenset[str] | None = None
+
+    def _build(self, query: PromptQuery, pods: Sequence[str]) -> Any:
+        if self._request_cls is None:
+            from kvindex_service.scoring import ScoreRequest
+
+            self._request_cls = ScoreRequest
+        if self._fields is None:
+            names = getattr(self._request_cls, "model_fields", None)
+            self._fields = frozenset(names) if names else frozenset()
+        body = _request_json(query, pods)
+        if self._fields:
+            dropped = [k for k in body if k not in self._fields]
+            if "token_ids" in dropped:
+                raise ScorerRejected("scoring service does not take token ids")
+            for key in dropped:
+                body.pop(key)
+        return self._request_cls(**body)
+
+    async def score(self, query: PromptQuery, pods: Sequence[str]) -> KvScores:
+        try:
+            request = self._build(query, pods)
+        except ScorerError:
+            raise
+        except ValueError as exc:
+            raise ScorerRejected(f"scoring request rejected: {exc}") from None
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await self._service.score(request)
+        except TimeoutError:
+            raise ScorerTimeout("in-process scorer missed its deadline") from None
+        except (LookupError, ValueError) as exc:
+            raise ScorerRejected(str(exc)) from None
+        except Exception as exc:  # the service's own failure must not fail the request
+            raise ScorerError(f"in-process scorer failed: {exc!r}") from exc
+        data = result.model_dump() if hasattr(result, "model_dump") else result
+        return kv_scores_from_json(data)
+
+    async def close(self) -> None:
+        """The service belongs to the caller; nothing to release here."""
