@@ -324,7 +324,8 @@ impl BlockIndex {
     /// `keep_digest`: keep the first 24 bytes of each key's digest so a chain can be extended
     /// from a parent known only by its key (needed by `sha256_cbor`).
     pub fn new(max_keys: usize, max_per_key: usize, shards: usize, keep_digest: bool) -> Self {
-        let n = shards.clamp(1, 4096);
+        // a power of two, so picking a shard is a mask, not a division
+        let n = shards.clamp(1, 4096).next_power_of_two();
         let max_keys = max_keys.max(1);
         let per = max_keys.div_ceil(n);
         BlockIndex {
@@ -338,7 +339,7 @@ impl BlockIndex {
     #[inline]
     fn shard(&self, ikey: u64) -> &Mutex<Shard> {
         let h = (ikey.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize;
-        &self.shards[h % self.shards.len()]
+        &self.shards[h & (self.shards.len() - 1)]
     }
 
     pub fn num_shards(&self) -> usize {

@@ -32,6 +32,9 @@ struct Alive {
 
 /// Score the key sequence. `filter`: only these pods are eligible (they are all listed in the
 /// result, zeros included). `weights[t]` is the weight of tier `t`.
+///
+/// Per block the work is O(entries of the key + pods still alive): tier masks are gathered
+/// into a scratch array indexed by pod id, then read back for the live pods.
 pub fn score_keys(
     index: &BlockIndex,
     model: ModelId,
@@ -39,45 +42,52 @@ pub fn score_keys(
     filter: Option<&[PodId]>,
     weights: &[f64; MAX_TIERS],
 ) -> ScoreResult {
+    // best weight for every tier mask
+    let mut best_of = [0.0f64; 1 << MAX_TIERS];
+    for (mask, best) in best_of.iter_mut().enumerate().skip(1) {
+        *best = (0..MAX_TIERS).filter(|t| mask & (1 << t) != 0).map(|t| weights[t]).fold(0.0, f64::max);
+    }
     let mut done: Vec<PodScore> = Vec::new();
     let mut alive: Vec<Alive> = Vec::new();
+    let mut held: Vec<u8> = Vec::new();
     let mut buf: SmallVec<[u32; 16]> = SmallVec::new();
     let mut consumed = 0usize;
     for (i, key) in keys.enumerate() {
         consumed += 1;
         index.lookup_into(model, key, &mut buf);
+        for &e in buf.iter() {
+            let p = entry_pod(e) as usize;
+            if p >= held.len() {
+                held.resize(p + 1, 0);
+            }
+            held[p] |= 1 << entry_tier(e);
+        }
         if i == 0 {
             for &e in buf.iter() {
                 let pod = entry_pod(e);
-                if filter.is_some_and(|f| !f.contains(&pod)) {
+                let mask = std::mem::take(&mut held[pod as usize]);
+                if mask == 0 || filter.is_some_and(|f| !f.contains(&pod)) {
                     continue;
                 }
-                let bit = 1u8 << entry_tier(e);
-                match alive.iter_mut().find(|a| a.s.pod == pod) {
-                    Some(a) => a.tiers |= bit,
-                    None => alive.push(Alive {
-                        s: PodScore { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] },
-                        tiers: bit,
-                    }),
-                }
+                alive.push(Alive {
+                    s: PodScore { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] },
+                    tiers: mask,
+                });
             }
         } else {
-            // narrow each live pod's tier mask to the tiers that still hold this block
             let mut j = 0;
             while j < alive.len() {
-                let pod = alive[j].s.pod;
-                let mut held = 0u8;
-                for &e in buf.iter() {
-                    if entry_pod(e) == pod {
-                        held |= 1 << entry_tier(e);
-                    }
-                }
-                if held == 0 {
+                let pod = alive[j].s.pod as usize;
+                let mask = held.get(pod).copied().unwrap_or(0);
+                if mask == 0 {
                     done.push(alive.swap_remove(j).s);
                     continue;
                 }
-                alive[j].tiers = held;
+                alive[j].tiers = mask;
                 j += 1;
+            }
+            for &e in buf.iter() {
+                held[entry_pod(e) as usize] = 0;
             }
         }
         if alive.is_empty() {
@@ -85,17 +95,16 @@ pub fn score_keys(
         }
         for a in alive.iter_mut() {
             a.s.matched_blocks += 1;
-            let mut best = 0.0f64;
-            for t in 0..MAX_TIERS {
-                if a.tiers & (1 << t) != 0 {
-                    best = best.max(weights[t]);
-                    // a tier's own run continues only while it held every block so far
-                    if a.s.tier_blocks[t] + 1 == a.s.matched_blocks {
-                        a.s.tier_blocks[t] += 1;
-                    }
+            a.s.score += best_of[a.tiers as usize];
+            let mut m = a.tiers;
+            while m != 0 {
+                let t = m.trailing_zeros() as usize;
+                // a tier's own run continues only while it held every block so far
+                if a.s.tier_blocks[t] + 1 == a.s.matched_blocks {
+                    a.s.tier_blocks[t] += 1;
                 }
+                m &= m - 1;
             }
-            a.s.score += best;
         }
     }
     done.extend(alive.into_iter().map(|a| a.s));
