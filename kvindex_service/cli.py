@@ -1,0 +1,234 @@
+"""``kvindex``: the project's one command line.
+
+* ``kvindex serve``    the scoring service (HTTP + ZMQ event subscriber);
+* ``kvindex extproc``  the Envoy endpoint picker (``kvindex_service.extproc.cli``);
+* ``kvindex simulate`` the fleet simulator (``kvindex_service.sim.cli``).
+
+Sub-commands owned by other packages are imported only when chosen, so ``kvindex serve``
+never pays for gRPC or the simulator, and a missing optional package is a clear message.
+
+``kvindex serve`` with no flags runs an in-memory index, a bind-mode SUB on
+``tcp://0.0.0.0:5557`` that every vLLM pod connects to, and HTTP on port 8080 with block
+size 16. Flags override the environment (``KVINDEX_*``), which overrides the YAML file
+(``--config`` / ``KVINDEX_CONFIG``), which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = ["build_parser", "main", "serve_overrides"]
+
+logger = logging.getLogger("kvindex_service.cli")
+
+_DELEGATED = {
+    "extproc": ("kvindex_service.extproc.cli", "the Envoy ext_proc endpoint picker"),
+    "simulate": ("kvindex_service.sim.cli", "the vLLM fleet simulator"),
+}
+
+
+def _key_value(flag: str, text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"{flag} expects KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _pod(text: str) -> dict[str, Any]:
+    pod_id, endpoints = _key_value("--pod", text)
+    endpoint, _, replay = endpoints.partition(",")
+    return {"pod_id": pod_id, "endpoint": endpoint, "replay_endpoint": replay or None}
+
+
+def _tokenizer(text: str) -> tuple[str, str]:
+    return _key_value("--tokenizer", text)
+
+
+def _chat_template(text: str) -> tuple[str, str]:
+    return _key_value("--chat-template", text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvindex",
+        description="KV-cache-aware routing index for vLLM fleets.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the scoring service (HTTP API + ZMQ KV-event subscriber)",
+        description="Run the scoring service. Flags override KVINDEX_* environment "
+        "variables, which override the YAML config file, which overrides the defaults.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="YAML config file (default: $KVINDEX_CONFIG)")
+    serve.add_argument("--host", help="HTTP listen address (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8080; 0 picks a free one)")
+    serve.add_argument(
+        "--zmq-bind",
+        metavar="ENDPOINT",
+        help="SUB endpoint the pods connect to (default tcp://0.0.0.0:5557; 'none' disables)",
+    )
+    serve.add_argument(
+        "--pod",
+        action="append",
+        type=_pod,
+        metavar="ID=ENDPOINT[,REPLAY]",
+        help="connect to a pod's publisher (repeatable), e.g. 10.0.0.1:8000=tcp://10.0.0.1:5557",
+    )
+    serve.add_argument("--block-size", type=int, help="KV block size in tokens (default 16)")
+    serve.add_argument("--hash-seed", help="vLLM's PYTHONHASHSEED (default: unset)")
+    serve.add_argument("--hash-algo", help="block-key algorithm (default sha256_cbor)")
+    serve.add_argument(
+        "--tokenizer",
+        action="append",
+        type=_tokenizer,
+        metavar="MODEL=PATH",
+        help="tokenizer dir, tokenizer.json or cached HF repo id for a model (repeatable)",
+    )
+    serve.add_argument(
+        "--chat-template",
+        action="append",
+        type=_chat_template,
+        metavar="MODEL=FILE",
+        help="chat template for a model, like vLLM's --chat-template (repeatable)",
+    )
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    serve.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    for name, (_, help_text) in _DELEGATED.items():
+        delegated = sub.add_parser(name, help=help_text, add_help=False)
+        delegated.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given on the command line, shaped like :class:`Settings` (flags left out
+    do not override anything)."""
+    out: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+
+    put("http", "host", args.host)
+    put("http", "port", args.port)
+    put("zmq", "bind", args.zmq_bind)
+    put("zmq", "pods", args.pod)
+    put("index", "block_size", args.block_size)
+    put("index", "hash_seed", args.hash_seed)
+    put("index", "hash_algo", args.hash_algo)
+    put("tokenizers", "sources", dict(args.tokenizer) if args.tokenizer else None)
+    put("tokenizers", "chat_templates", dict(args.chat_template) if args.chat_template else None)
+    put("log", "level", args.log_level)
+    put("log", "json", args.log_json)
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from kvindex_service.config import load_settings
+    from kvindex_service.log import configure_logging
+
+    try:
+        settings = load_settings(args.config, serve_overrides(args))
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"kvindex serve: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level, settings.log.json_)
+    return asyncio.run(_run_server(settings))
+
+
+async def _run_server(settings: Any) -> int:
+    import uvicorn
+
+    from kvindex_service.api import create_app
+
+    http = settings.http
+    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Bind here, not in uvicorn, so the real port is known (and logged) even for port 0.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((http.host, http.port))
+    except OSError as exc:
+        sock.close()
+        logger.error("cannot listen on %s:%s: %s", http.host, http.port, exc)
+        return 1
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    server = _server_class()(config)
+    logger.info("serving HTTP", extra={"http": f"http://{http.host}:{port}"})
+    try:
+        # uvicorn installs SIGINT/SIGTERM handlers: a signal ends serve() after in-flight
+        # requests finish and the lifespan has stopped the runtime.
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        return 1
+    logger.info("stopped")
+    return 0
+
+
+def _server_class() -> type[uvicorn.Server]:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, minus re-raising the caught SIGTERM/SIGINT after shutdown
+        (uvicorn does so to let the default handler run, which would turn a clean,
+        graceful stop into exit status -15 / KeyboardInterrupt)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for requests
+            else:
+                self.should_exit = True
+
+    return GracefulServer
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    module_name, _ = _DELEGATED[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        print(f"kvindex {command}: not available ({module_name} cannot be imported: {exc})", file=sys.stderr)
+        return 2
+    result = module.main(argv)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Delegated commands get their raw arguments, including their own --help.
+    if argv and argv[0] in _DELEGATED:
+        return _delegate(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    parser.print_help()
+    return 0 if args.command is None else 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

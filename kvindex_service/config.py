@@ -1,0 +1,209 @@
+"""Service configuration: one pydantic-settings model with a nested model per component.
+
+Sources, highest precedence first:
+
+1. explicit overrides (the CLI flags), passed to :func:`load_settings`;
+2. environment variables, prefix ``KVINDEX_``, nested fields joined by ``__``
+   (``KVINDEX_HTTP__PORT=9000``, ``KVINDEX_ZMQ__BIND=none``,
+   ``KVINDEX_TOKENIZERS__SOURCES='{"my/model": "/models/tok"}'``);
+3. an optional YAML file (``--config FILE`` or ``KVINDEX_CONFIG``), same nesting;
+4. the defaults below.
+
+Nothing is read or created at import time: :func:`load_settings` does the reading, and the
+Llama 3.2 tokenizer look-up happens only when :meth:`TokenizerSettings.effective_sources`
+is called (by the runtime, at start).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "LLAMA32_MODELS",
+    "HttpSettings",
+    "IndexSettings",
+    "LogSettings",
+    "PodConfig",
+    "Settings",
+    "TokenizerSettings",
+    "ZmqSettings",
+    "deep_merge",
+    "load_settings",
+]
+
+#: Model names served with the Llama 3.2 tokenizer shipped in the venv when nothing else is
+#: configured for them (the vLLM captures in tests/fixtures use the 3B model).
+LLAMA32_MODELS: tuple[str, ...] = (
+    "meta-llama/Llama-3.2-1B-Instruct",
+    "meta-llama/Llama-3.2-3B-Instruct",
+)
+
+_DISABLED = {"", "none", "null", "off", "false", "disabled"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HttpSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    request_timeout: float = Field(30.0, gt=0, description="seconds per request, then 504")
+
+
+class PodConfig(_Section):
+    """One vLLM publisher to connect to (connect mode)."""
+
+    endpoint: str
+    pod_id: str | None = None
+    replay_endpoint: str | None = None
+
+
+class ZmqSettings(_Section):
+    bind: str | None = Field(
+        "tcp://0.0.0.0:5557",
+        description="SUB endpoint every pod connects to; null disables bind mode",
+    )
+    pods: list[PodConfig] = Field(default_factory=list)
+    topic_prefix: str = "kv@"
+    rcvhwm: int = Field(100_000, ge=1)
+    replay_timeout: float = Field(1.0, gt=0)
+    replay_retries: int = Field(3, ge=0)
+    replay_backoff: float = Field(0.1, ge=0)
+
+    @field_validator("bind", mode="before")
+    @classmethod
+    def _disable_bind(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in _DISABLED:
+            return None
+        return value
+
+
+class IndexSettings(_Section):
+    block_size: int = Field(16, ge=1)
+    hash_seed: str | None = Field(None, description="vLLM's PYTHONHASHSEED")
+    hash_algo: str = "sha256_cbor"
+    max_keys: int = Field(10_000_000, ge=1)
+    max_pods_per_key: int = Field(64, ge=1)
+    shards: int = Field(0, ge=0, description="0 = one per CPU core")
+    queue_capacity: int = Field(1024, ge=1)
+    tier_weights: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8})
+
+    @field_validator("hash_seed", mode="before")
+    @classmethod
+    def _seed_as_str(cls, value: Any) -> Any:
+        # YAML and env both like to turn "42" into an int; vLLM's seed is a string.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class TokenizerSettings(_Section):
+    sources: dict[str, str] = Field(
+        default_factory=dict, description="model -> tokenizer dir, tokenizer.json or HF repo id"
+    )
+    chat_templates: dict[str, str] = Field(default_factory=dict, description="model -> file")
+    mode: Literal["exact", "fast"] = Field(
+        "exact",
+        description="exact: prefix-store reuse only at provably safe cuts; fast: looser reuse",
+    )
+    prefix_store_chars: int = Field(64_000_000, ge=0)
+    chunk_chars: int = Field(256, ge=1)
+    max_workers: int = Field(4, ge=1)
+    hf_cache: str | None = None
+    llama32_defaults: bool = Field(
+        True, description="serve the Llama 3.2 model names with the bundled tokenizer"
+    )
+
+    def effective_sources(self) -> dict[str, str]:
+        """Configured sources plus the bundled Llama 3.2 tokenizer for the Llama 3.2 model
+        names the user left unconfigured (only if the tokenizer package is installed)."""
+        sources = dict(self.sources)
+        if self.llama32_defaults and any(m not in sources for m in LLAMA32_MODELS):
+            from kvindex_service.tokenization import find_llama3_tokenizer_dir
+
+            path = find_llama3_tokenizer_dir()
+            if path is not None:
+                for model in LLAMA32_MODELS:
+                    sources.setdefault(model, path)
+        return sources
+
+
+class LogSettings(_Section):
+    level: str = "INFO"
+    json_: bool = Field(False, alias="json", description="one JSON object per line")
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+
+class Settings(BaseSettings):
+    """The whole service configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KVINDEX_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    zmq: ZmqSettings = Field(default_factory=ZmqSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    tokenizers: TokenizerSettings = Field(default_factory=TokenizerSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+
+def deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge nested mappings; later layers win, dicts are merged key by key, lists replaced."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+                out[key] = deep_merge(out[key], value)
+            elif isinstance(value, Mapping):
+                out[key] = deep_merge(value)
+            else:
+                out[key] = value
+    return out
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    text = Path(path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` with precedence overrides > environment > YAML > defaults.
+
+    ``config_file`` defaults to ``$KVINDEX_CONFIG``. ``overrides`` is a nested mapping shaped
+    like the settings (the CLI builds it from its flags). Raises
+    :class:`pydantic.ValidationError`, :class:`OSError` (unreadable file) or
+    :class:`ValueError` (the YAML is not a mapping).
+    """
+    path = config_file if config_file is not None else os.environ.get("KVINDEX_CONFIG") or None
+    file_layer = _read_yaml(path) if path else {}
+    env_layer = EnvSettingsSource(Settings)()
+    merged = deep_merge(file_layer, env_layer, overrides or {})
+    # model_validate does not run BaseSettings.__init__, so the environment is not read a
+    # second time: ``merged`` already holds every layer in the right order.
+    return Settings.model_validate(merged)

@@ -1,0 +1,241 @@
+"""Prometheus metrics: a per-runtime registry, latency histograms, and a collector that reads
+the core's counters at scrape time.
+
+Why a collector rather than counters we increment: the Rust core already counts every event,
+decode error and eviction on its own threads; copying those numbers into Python counters on
+each batch would cost GIL time on the write path. ``RuntimeCollector.collect`` asks the core
+(and the subscriber and the tokenizer pool) once per scrape instead.
+
+Names follow ``kvindex_<subsystem>_<name>_<unit>``. Nothing here touches the global
+``prometheus_client.REGISTRY``: each :class:`ServiceMetrics` owns a ``CollectorRegistry``, so
+two apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["RuntimeCollector", "ServiceMetrics", "Sources"]
+
+logger = logging.getLogger(__name__)
+
+# Sub-millisecond resolution: a score over token ids takes microseconds.
+_LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+class ServiceMetrics:
+    """The instruments the Python side updates itself, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.score_seconds = Histogram(
+            "kvindex_scoring_score_duration_seconds",
+            "Time to score one request against the index (tokenization excluded)",
+            labelnames=("input",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokenize_seconds = Histogram(
+            "kvindex_tokenization_duration_seconds",
+            "Time to render (chat) and tokenize one prompt",
+            labelnames=("kind",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "kvindex_http_requests",
+            "HTTP requests by route template, method and status",
+            labelnames=("route", "method", "status"),
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "kvindex_http_request_duration_seconds",
+            "HTTP request latency inside the server, by route template",
+            labelnames=("route", "method"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything in the registry."""
+        return generate_latest(self.registry)
+
+
+class Sources:
+    """Getters for the live components; each may return None (not started, or disabled)."""
+
+    def __init__(
+        self,
+        indexer: Callable[[], Any],
+        subscriber: Callable[[], Any],
+        tokenizers: Callable[[], Any],
+    ) -> None:
+        self.indexer = indexer
+        self.subscriber = subscriber
+        self.tokenizers = tokenizers
+
+
+# Native counter -> (metric family, labels). Counters not listed are still exported, under
+# kvindex_core_<name>_total, so a new core counter shows up without a change here.
+_EVENT_TYPES = {
+    "events_block_stored": "BlockStored",
+    "events_block_removed": "BlockRemoved",
+    "events_all_blocks_cleared": "AllBlocksCleared",
+}
+_NAMED_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "events_unknown_type": ("processed", "Events by type and outcome", {"type": "unknown", "outcome": "ignored"}),
+    "batch_decode_errors": ("decode_errors", "Undecodable payloads and events", {"level": "batch"}),
+    "event_decode_errors": ("decode_errors", "Undecodable payloads and events", {"level": "event"}),
+    "batches_queued": ("batches", "Event batches by stage", {"stage": "queued"}),
+    "batches_applied": ("batches", "Event batches by stage", {"stage": "applied"}),
+    "blocks_stored": ("blocks", "Blocks stored/removed by events", {"op": "stored"}),
+    "blocks_removed": ("blocks", "Blocks stored/removed by events", {"op": "removed"}),
+    "hash_matches": ("engine_hashes", "Stored blocks whose engine hash equalled kvindex's key", {"match": "true"}),
+    "hash_mismatches": ("engine_hashes", "Stored blocks whose engine hash equalled kvindex's key", {"match": "false"}),
+}
+_SUBSCRIBER_GAUGES = {"replays_in_progress", "pods", "endpoints", "connected_pods", "running"}
+_TOKENIZER_GAUGES = {
+    "prefix_store_chars", "prefix_store_tokens", "prefix_store_capacity_chars", "cached_entries",
+    "background_pending", "models_loaded", "tokenizers_loaded",
+}
+_NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _metric_name(raw: str) -> str:
+    return _NAME_OK.sub("_", raw).strip("_").lower()
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+class RuntimeCollector(Collector):
+    """Reads the index, subscriber and tokenizer counters when Prometheus scrapes."""
+
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
+
+    def describe(self) -> Iterable[Metric]:
+        # Unknown until scrape time: an empty describe keeps registration cheap and lazy.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for part in (self._index_metrics, self._pod_metrics, self._subscriber_metrics, self._tokenizer_metrics):
+            try:
+                yield from part()
+            except Exception:  # a broken source must not take /metrics down
+                logger.exception("metrics source failed", extra={"source": part.__name__})
+
+    # -- index ----------------------------------------------------------------------------
+    def _index_metrics(self) -> Iterator[Metric]:
+        indexer = self._sources.indexer()
+        if indexer is None:
+            return
+        counters: Mapping[str, int] = indexer.counters()
+        events = CounterMetricFamily(
+            "kvindex_events_processed", "Events by type and outcome", labels=("type", "outcome")
+        )
+        families: dict[str, CounterMetricFamily] = {"processed": events}
+        generic: list[CounterMetricFamily] = []
+        for key, value in sorted(counters.items()):
+            if key in _EVENT_TYPES:
+                events.add_metric([_EVENT_TYPES[key], "applied"], value)
+            elif key in _NAMED_COUNTERS:
+                fam_name, doc, labels = _NAMED_COUNTERS[key]
+                fam = families.get(fam_name)
+                if fam is None:
+                    fam = CounterMetricFamily(f"kvindex_events_{fam_name}", doc, labels=tuple(labels))
+                    families[fam_name] = fam
+                fam.add_metric(list(labels.values()), value)
+            else:
+                generic.append(
+                    CounterMetricFamily(f"kvindex_core_{_metric_name(key)}", f"Core counter {key}", value=value)
+                )
+        yield from families.values()
+        yield from generic
+
+        stats = indexer.stats()
+        yield GaugeMetricFamily("kvindex_index_keys", "Block keys in the index", value=stats.keys)
+        yield GaugeMetricFamily("kvindex_index_entries", "(key, pod, tier) entries in the index", value=stats.entries)
+        yield GaugeMetricFamily("kvindex_index_memory_bytes", "Approximate bytes used by the index", value=stats.bytes_used)
+        yield GaugeMetricFamily("kvindex_index_pods", "Pods known to the index", value=stats.pods)
+        yield GaugeMetricFamily("kvindex_index_models", "Models known to the index", value=stats.models)
+        yield GaugeMetricFamily("kvindex_index_max_keys", "Configured key capacity", value=stats.max_keys)
+        evictions = CounterMetricFamily("kvindex_index_evictions", "LRU evictions", labels=("kind",))
+        evictions.add_metric(["key"], stats.key_evictions)
+        evictions.add_metric(["entry"], stats.entry_evictions)
+        yield evictions
+
+    def _pod_metrics(self) -> Iterator[Metric]:
+        indexer = self._sources.indexer()
+        if indexer is None:
+            return
+        blocks = GaugeMetricFamily("kvindex_pod_blocks", "Blocks held per pod and tier", labels=("pod", "tier"))
+        batches = CounterMetricFamily("kvindex_pod_batches_applied", "Batches applied per pod", labels=("pod",))
+        mismatches = CounterMetricFamily(
+            "kvindex_pod_hash_mismatches", "Stored blocks whose engine hash differed from kvindex's key",
+            labels=("pod",),
+        )
+        last_ts = GaugeMetricFamily(
+            "kvindex_pod_last_event_timestamp_seconds", "vLLM timestamp of the last applied batch",
+            labels=("pod",),
+        )
+        for state in indexer.pod_states():
+            for tier, count in sorted(state.blocks_by_tier.items()):
+                blocks.add_metric([state.pod, tier], count)
+            batches.add_metric([state.pod], state.batches_applied)
+            mismatches.add_metric([state.pod], state.hash_mismatches)
+            if state.last_event_ts is not None:
+                last_ts.add_metric([state.pod], state.last_event_ts)
+        yield from (blocks, batches, mismatches, last_ts)
+
+    # -- subscriber -----------------------------------------------------------------------
+    def _subscriber_metrics(self) -> Iterator[Metric]:
+        subscriber = self._sources.subscriber()
+        if subscriber is None:
+            return
+        for key, value in sorted(subscriber.stats().items()):
+            num = _num(value)
+            if num is None:
+                continue
+            name = _metric_name(key)
+            if name in _SUBSCRIBER_GAUGES:
+                yield GaugeMetricFamily(f"kvindex_subscriber_{name}", f"Subscriber {key}", value=num)
+            else:
+                name = name.removesuffix("_total")
+                yield CounterMetricFamily(f"kvindex_subscriber_{name}", f"Subscriber counter {key}", value=num)
+
+    # -- tokenization ---------------------------------------------------------------------
+    def _tokenizer_metrics(self) -> Iterator[Metric]:
+        pool = self._sources.tokenizers()
+        if pool is None:
+            return
+        stats: Mapping[str, Any] = pool.stats()
+        for key, value in sorted(stats.items()):
+            num = _num(value)
+            if num is None:
+                continue
+            name = _metric_name(key)
+            if name == "prefix_store_hit_ratio":
+                yield GaugeMetricFamily(
+                    "kvindex_tokenization_prefix_store_hit_ratio",
+                    "Share of prefix-store look-ups that reused cached tokens", value=num,
+                )
+            elif name in _TOKENIZER_GAUGES:
+                yield GaugeMetricFamily(f"kvindex_tokenization_{name}", f"Tokenizer pool {key}", value=num)
+            else:
+                yield CounterMetricFamily(f"kvindex_tokenization_{name}", f"Tokenizer pool {key}", value=num)

@@ -1,0 +1,208 @@
+"""The running service's components, built from :class:`~kvindex_service.config.Settings`.
+
+One object owns the index, the ZMQ subscriber, the tokenizer pool and the scoring service,
+and starts and stops them in the right order. Transports (the FastAPI app, a CLI command, a
+test) hold a ``Runtime``; they never build components themselves.
+
+Start order: index -> tokenizer pool (configured tokenizers load on a background thread so
+HTTP comes up at once; ``ready()`` stays False until they are loaded) -> subscriber.
+Stop order: subscriber (no new batches) -> flush what is queued -> close the index -> close
+the tokenizer pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from kvindex_service._native import Indexer
+from kvindex_service.config import Settings
+from kvindex_service.metrics import RuntimeCollector, ServiceMetrics, Sources
+from kvindex_service.scoring import ScoringService
+
+if TYPE_CHECKING:
+    from kvindex_service.events import Subscriber
+    from kvindex_service.tokenization import TokenizerPool
+
+__all__ = ["Runtime"]
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Components of one service instance. Not started by the constructor."""
+
+    def __init__(self, settings: Settings | None = None, *, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
+        self.indexer: Indexer | None = None
+        self.subscriber: Subscriber | None = None
+        self.tokenizers: TokenizerPool | None = None
+        self.scoring: ScoringService | None = None
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+        self._preload: threading.Thread | None = None
+        self._preload_error: str | None = None
+        self.metrics.registry.register(
+            RuntimeCollector(
+                Sources(
+                    indexer=lambda: self.indexer,
+                    subscriber=lambda: self.subscriber,
+                    tokenizers=lambda: self.tokenizers,
+                )
+            )
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Build and start every component. Idempotent; raises if a component fails (after
+        releasing whatever was already started)."""
+        with self._lock:
+            if self._started:
+                return
+            if self._stopped:
+                raise RuntimeError("a stopped Runtime cannot be restarted")
+            try:
+                self._start()
+            except BaseException:
+                self._teardown(timeout=2.0)
+                raise
+            self._started = True
+
+    def _start(self) -> None:
+        from kvindex_service.events import PodEndpoint, Subscriber
+        from kvindex_service.tokenization import TokenizerPool
+
+        s = self.settings
+        ix = s.index
+        self.indexer = Indexer(
+            block_size=ix.block_size,
+            hash_seed=ix.hash_seed,
+            algorithm=ix.hash_algo,
+            max_keys=ix.max_keys,
+            max_pods_per_key=ix.max_pods_per_key,
+            shards=ix.shards,
+            queue_capacity=ix.queue_capacity,
+            tier_weights=ix.tier_weights,
+        )
+        tk = s.tokenizers
+        self.tokenizers = TokenizerPool(
+            tk.effective_sources(),
+            chat_templates=tk.chat_templates,
+            prefix_store_chars=tk.prefix_store_chars,
+            chunk_chars=tk.chunk_chars,
+            mode=tk.mode,
+            max_workers=tk.max_workers,
+            hf_cache=tk.hf_cache,
+        )
+        self._preload = threading.Thread(target=self._preload_tokenizers, name="kvindex-preload", daemon=True)
+        self._preload.start()
+
+        z = s.zmq
+        self.subscriber = Subscriber(
+            self.indexer,
+            bind=z.bind,
+            pods=[PodEndpoint(p.endpoint, p.pod_id, p.replay_endpoint) for p in z.pods],
+            topic_prefix=z.topic_prefix,
+            rcvhwm=z.rcvhwm,
+            replay_timeout=z.replay_timeout,
+            replay_retries=z.replay_retries,
+            replay_backoff=z.replay_backoff,
+        )
+        self.subscriber.start()
+        self.scoring = ScoringService(
+            self.indexer, self.tokenizers, block_size=ix.block_size, metrics=self.metrics
+        )
+        logger.info(
+            "runtime started",
+            extra={
+                "zmq_bind": self.subscriber.bound_endpoint,
+                "pods": len(z.pods),
+                "block_size": ix.block_size,
+                "hash_algo": ix.hash_algo,
+                "tokenizer_models": len(self.tokenizers.models()),
+            },
+        )
+
+    def _preload_tokenizers(self) -> None:
+        pool = self.tokenizers
+        if pool is None:
+            return
+        try:
+            pool.preload()
+        except Exception as exc:  # reported by readiness(); scoring by token ids still works
+            self._preload_error = str(exc)
+            logger.error("tokenizer preload failed", extra={"error": str(exc)})
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the subscriber, apply what is queued, close the index and the pool."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._teardown(timeout)
+            logger.info("runtime stopped")
+
+    def _teardown(self, timeout: float) -> None:
+        if self.subscriber is not None:
+            try:
+                self.subscriber.stop(timeout=timeout)
+            except Exception:
+                logger.exception("subscriber stop failed")
+        if self.indexer is not None:
+            try:
+                if not self.indexer.flush(timeout):
+                    logger.warning("index flush timed out", extra={"timeout": timeout})
+                self.indexer.close()
+            except Exception:
+                logger.exception("index close failed")
+        if self.tokenizers is not None:
+            self.tokenizers.close()
+        if self._preload is not None:
+            self._preload.join(timeout)
+
+    def __enter__(self) -> Runtime:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self._started and not self._stopped
+
+    def readiness(self) -> dict[str, Any]:
+        """Per-component readiness; ``ready`` is their conjunction."""
+        sub = self.subscriber
+        pool = self.tokenizers
+        checks: dict[str, Any] = {
+            "started": self.started,
+            "subscriber": bool(sub is not None and sub.running),
+            "tokenizers": bool(pool is not None and pool.ready()),
+        }
+        if self._preload_error:
+            checks["tokenizers_error"] = self._preload_error
+        checks["ready"] = checks["started"] and checks["subscriber"] and checks["tokenizers"]
+        return checks
+
+    def ready(self) -> bool:
+        """Subscriptions are up and every configured tokenizer is loaded."""
+        return bool(self.readiness()["ready"])
+
+    def require_scoring(self) -> ScoringService:
+        if self.scoring is None or not self.started:
+            from kvindex_service.errors import NotReadyError
+
+            raise NotReadyError("the service is not started")
+        return self.scoring
+
+    def require_indexer(self) -> Indexer:
+        if self.indexer is None or not self.started:
+            from kvindex_service.errors import NotReadyError
+
+            raise NotReadyError("the service is not started")
+        return self.indexer
