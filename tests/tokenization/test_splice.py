@@ -1,0 +1,111 @@
+"""The cut rules are exact: at every cut they allow, cached tokens + tokens of the rest ==
+tokens of the whole text, for the real Llama 3.2 tokenizer and the other pre-tokenizers the
+rules claim (the Llama 3.2 vocabulary behind Qwen2's and GPT-2's split rules)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from kvindex_service.tokenization.loader import LoadedTokenizer, load_tokenizer, resolve_source
+from kvindex_service.tokenization.prefix_store import Entry
+from kvindex_service.tokenization.splice import Cut
+from tests.tokenization.texts import ALL, ENGLISH
+
+CUT_VARIANTS = ["llama3", "qwen2-regex", "gpt2-bytelevel"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(llama3_dir: Path, variant_dirs: dict[str, Path]) -> dict[str, LoadedTokenizer]:
+    dirs = {"llama3": llama3_dir, **variant_dirs}
+    return {name: load_tokenizer(resolve_source(str(d))) for name, d in dirs.items()}
+
+
+def _entry(lt: LoadedTokenizer, text: str) -> Entry:
+    ids, starts = lt.encode(text)
+    return Entry("test", text, ids, starts, ())
+
+
+def all_cuts(lt: LoadedTokenizer, text: str, entry: Entry, limit: int) -> list[Cut]:
+    cuts = []
+    while True:
+        cut = lt.splice.find_cut(text, limit, entry)
+        if cut is None:
+            return cuts
+        cuts.append(cut)
+        limit = cut.pos - 1
+
+
+@pytest.mark.parametrize("variant", CUT_VARIANTS)
+def test_rules_enabled_for_known_pre_tokenizers(tokenizers, variant: str) -> None:
+    rules = tokenizers[variant].splice
+    assert rules.space_cut and rules.special_cut, rules.reason
+
+
+def test_rules_disabled_with_a_normalizer(tokenizers) -> None:
+    rules = tokenizers["nfc-normalizer"].splice
+    assert not rules.enabled
+    assert "normalizer" in rules.reason
+
+
+@pytest.mark.parametrize("variant", CUT_VARIANTS)
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_every_cut_is_exact(tokenizers, variant: str, name: str) -> None:
+    lt = tokenizers[variant]
+    text = ALL[name]
+    entry = _entry(lt, text)
+    cuts = all_cuts(lt, text, entry, len(text))
+    assert len(cuts) > 20
+    if len(cuts) > 250:  # keep the run short: a deterministic sample of the long texts
+        cuts = random.Random(7).sample(cuts, 250)
+    suffixes = lt.tokenizer.encode_batch([text[c.pos :] for c in cuts], add_special_tokens=False)
+    full = entry.ids.tolist()
+    for cut, suffix in zip(cuts, suffixes, strict=True):
+        assert full[: cut.tokens] + suffix.ids == full, (name, cut, text[cut.pos - 10 : cut.pos + 10])
+
+
+def test_special_token_cuts_are_found(tokenizers) -> None:
+    lt = tokenizers["llama3"]
+    text = ALL["chat"]
+    entry = _entry(lt, text)
+    ends = {c.pos for c in all_cuts(lt, text, entry, len(text))}
+    eot = "<|eot_id|>"
+    expected = {i + len(eot) for i in range(len(text)) if text.startswith(eot, i)}
+    assert expected <= ends
+    # The end of the text is a cut when it ends with a special token (rule C allows c == limit).
+    assert lt.splice.find_cut(text[: max(expected)], max(expected), entry).pos == max(expected)
+
+
+def test_fake_special_tokens_are_not_cuts(tokenizers) -> None:
+    lt = tokenizers["llama3"]
+    text = "x" * 40 + "|>" + "y" * 40 + "<|not_a_token|>" + "z" * 40
+    entry = _entry(lt, text)
+    assert lt.splice.find_cut(text, len(text), entry) is None
+
+
+def test_cut_needs_the_space_inside_the_shared_prefix(tokenizers) -> None:
+    lt = tokenizers["llama3"]
+    text = "alpha beta gamma"
+    entry = _entry(lt, text)
+    # With 11 shared characters ("alpha beta "), the space at 10 is shared: cut there.
+    assert lt.splice.find_cut(text, 11, entry).pos == 10
+    # With 10 shared characters the space at 10 is not known to follow: cut at 5.
+    assert lt.splice.find_cut(text, 10, entry).pos == 5
+
+
+def test_whitespace_runs_are_never_cut_inside(tokenizers) -> None:
+    lt = tokenizers["llama3"]
+    text = "word" + " " * 50 + "next\n\n  \t more"
+    entry = _entry(lt, text)
+    cuts = {c.pos for c in all_cuts(lt, text, entry, len(text))}
+    assert cuts == {4}
+
+
+def test_long_text_without_cuts_in_the_last_window(tokenizers) -> None:
+    lt = tokenizers["llama3"]
+    text = ENGLISH[:2000] + " " + "x" * 5000
+    entry = _entry(lt, text)
+    cut = lt.splice.find_cut(text, len(text), entry)
+    assert cut is not None and cut.pos == 2000
