@@ -324,12 +324,17 @@ impl BlockIndex {
     /// `keep_digest`: keep the first 24 bytes of each key's digest so a chain can be extended
     /// from a parent known only by its key (needed by `sha256_cbor`).
     pub fn new(max_keys: usize, max_per_key: usize, shards: usize, keep_digest: bool) -> Self {
-        // a power of two, so picking a shard is a mask, not a division
-        let n = shards.clamp(1, 4096).next_power_of_two();
         let max_keys = max_keys.max(1);
-        let per = max_keys.div_ceil(n);
+        // a power of two, so picking a shard is a mask, not a division; small indexes get
+        // fewer shards so that each keeps a useful LRU of its own
+        let mut n = shards.clamp(1, 4096).next_power_of_two();
+        while n > 1 && max_keys / n < 4096 {
+            n /= 2;
+        }
+        // the shard capacities add up to exactly max_keys
+        let (per, extra) = (max_keys / n, max_keys % n);
         BlockIndex {
-            shards: (0..n).map(|_| Mutex::new(Shard::new(per))).collect(),
+            shards: (0..n).map(|i| Mutex::new(Shard::new(per + usize::from(i < extra)))).collect(),
             max_keys,
             max_per_key: max_per_key.clamp(1, 1 << 16),
             keep_digest,

@@ -99,7 +99,11 @@ fn extract_tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     let it = obj.try_iter().map_err(|_| invalid("token_ids must be a sequence of ints".into()))?;
     let mut out = Vec::new();
     for (i, item) in it.enumerate() {
-        let v: i128 = item?.extract().map_err(|_| invalid(format!("token_ids[{i}] is not an int")))?;
+        let item = item?;
+        if item.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(invalid(format!("token_ids[{i}] is a bool, not an int")));
+        }
+        let v: i128 = item.extract().map_err(|_| invalid(format!("token_ids[{i}] is not an int")))?;
         out.push(u32::try_from(v).map_err(|_| invalid(format!("token_ids[{i}] = {v} is outside 0..4294967295")))?);
     }
     Ok(out)
@@ -331,10 +335,8 @@ impl PyIndexer {
     ) -> PyResult<PyScoreResult> {
         let bs = self.ix.token_processor().block_size() as u64;
         let tiers = self.ix.tier_names();
-        let mut scores = Vec::with_capacity(r.scores.len());
-        let mut listed: Vec<String> = Vec::new();
+        let mut scores: Vec<PyPodScore> = Vec::with_capacity(r.scores.len());
         for s in r.scores {
-            let name = self.ix.pod_name(s.pod).to_string();
             let tier_blocks = tiers
                 .iter()
                 .enumerate()
@@ -342,32 +344,33 @@ impl PyIndexer {
                 .filter(|(i, _)| s.tier_blocks[*i] > 0)
                 .map(|(i, t)| (t.clone(), s.tier_blocks[i]))
                 .collect();
-            if pods.is_some() {
-                listed.push(name.clone());
-            }
-            scores.push(Py::new(
-                py,
-                PyPodScore {
-                    pod: name,
-                    matched_blocks: s.matched_blocks,
-                    matched_tokens: s.matched_blocks as u64 * bs,
-                    score: s.score,
-                    tier_blocks,
-                },
-            )?);
+            scores.push(PyPodScore {
+                pod: self.ix.pod_name(s.pod).to_string(),
+                matched_blocks: s.matched_blocks,
+                matched_tokens: s.matched_blocks as u64 * bs,
+                score: s.score,
+                tier_blocks,
+            });
         }
         // candidates never seen by the index still get their zero
         if let Some(names) = pods {
-            let mut seen = std::collections::HashSet::new();
             for n in names {
-                if !listed.contains(n) && seen.insert(n.clone()) {
-                    scores.push(Py::new(
-                        py,
-                        PyPodScore { pod: n.clone(), matched_blocks: 0, matched_tokens: 0, score: 0.0, tier_blocks: HashMap::new() },
-                    )?);
+                if !scores.iter().any(|s| s.pod == *n) {
+                    scores.push(PyPodScore {
+                        pod: n.clone(),
+                        matched_blocks: 0,
+                        matched_tokens: 0,
+                        score: 0.0,
+                        tier_blocks: HashMap::new(),
+                    });
                 }
             }
         }
+        // best first; equal scores in pod-name order, so answers are stable across restarts
+        scores.sort_by(|a, b| {
+            b.score.total_cmp(&a.score).then(b.matched_blocks.cmp(&a.matched_blocks)).then(a.pod.cmp(&b.pod))
+        });
+        let scores = scores.into_iter().map(|s| Py::new(py, s)).collect::<PyResult<Vec<_>>>()?;
         Ok(PyScoreResult { scores, total_blocks, total_tokens, keys_computed: r.keys_consumed })
     }
 }
