@@ -68,6 +68,8 @@ class PendingRoute:
 
     call: Any
     timeout: float
+    responses: list[ep.ProcessingResponse] = field(default_factory=list)
+    """The result's response list; the response-phase answers are appended to it."""
     done: bool = False
 
     async def finish(self, *, status: int = 200, response_body: bytes | None = None) -> None:
@@ -82,17 +84,23 @@ class PendingRoute:
                     response_headers=_headers([(":status", str(status)), ("content-type", "application/json")], not has_body)
                 )
             )
-            await asyncio.wait_for(self.call.read(), self.timeout)
+            await self._read()
             if has_body:
                 assert response_body is not None
                 await self.call.write(ep.ProcessingRequest(response_body=ep.HttpBody(body=response_body, end_of_stream=True)))
-                await asyncio.wait_for(self.call.read(), self.timeout)
+                await self._read()
             await self.call.done_writing()
             while await asyncio.wait_for(self.call.read(), self.timeout) is not grpc.aio.EOF:
                 pass
         except BaseException:
             self.call.cancel()
             raise
+
+    async def _read(self) -> None:
+        resp = await asyncio.wait_for(self.call.read(), self.timeout)
+        if resp is grpc.aio.EOF:
+            raise ConnectionError("the picker closed the stream before answering the response")
+        self.responses.append(resp)
 
     async def cancel(self) -> None:
         """Abort the stream, as Envoy does when the downstream client goes away."""
@@ -210,7 +218,7 @@ class EnvoyClient:
                 await call.done_writing()
                 await self._drain(call, timeout)
                 return result
-            pending = PendingRoute(call, timeout)
+            pending = PendingRoute(call, timeout, result.responses)
             if complete:
                 await pending.finish(response_body=response_body)
             else:
