@@ -5,7 +5,22 @@ the GIL while the core computes.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import final
+from typing import Self, final
+
+__all__ = [
+    "__version__",
+    "ALGORITHMS",
+    "KvIndexError",
+    "InvalidInputError",
+    "ClosedError",
+    "TokenProcessor",
+    "Indexer",
+    "ScoreResult",
+    "PodScore",
+    "ApplyResult",
+    "PodState",
+    "IndexStats",
+]
 
 __version__: str
 ALGORITHMS: tuple[str, ...]
@@ -25,9 +40,9 @@ class ClosedError(KvIndexError, RuntimeError):
 class TokenProcessor:
     """Token ids -> chained 64-bit block keys (full blocks only)."""
 
-    def __init__(
-        self, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor"
-    ) -> None: ...
+    def __new__(
+        cls, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor"
+    ) -> Self: ...
     @property
     def block_size(self) -> int: ...
     @property
@@ -118,8 +133,8 @@ class IndexStats:
 class Indexer:
     """The block index, its event shards and its scorer, in one object shared by all threads."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         block_size: int = 16,
         hash_seed: str | None = None,
@@ -129,7 +144,7 @@ class Indexer:
         shards: int = 0,
         queue_capacity: int = 1024,
         tier_weights: Mapping[str, float] | None = None,
-    ) -> None:
+    ) -> Self:
         """shards=0 means one per CPU core. tier_weights default {"GPU": 1.0, "CPU": 0.8};
         a tier not named weighs like CPU."""
     @property
