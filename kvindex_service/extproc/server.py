@@ -209,7 +209,7 @@ class _Stream:
     __slots__ = (
         "srv", "req_mode", "resp_mode", "path", "method", "request_id", "session", "subset",
         "scored", "body", "body_done", "lease", "decided", "headers_seen", "observe",
-        "last_immediate",
+        "last_immediate", "response_seen",
     )  # fmt: skip
 
     def __init__(self, srv: ExternalProcessorServicer) -> None:
@@ -230,6 +230,7 @@ class _Stream:
         self.observe = False
         #: The immediate response a failed decision produced (set with ``decision=None``).
         self.last_immediate: ep.ProcessingResponse | None = None
+        self.response_seen = False
 
     def close(self) -> None:
         if self.lease is not None:
@@ -257,6 +258,7 @@ class _Stream:
         if kind == "request_trailers":
             return await self._request_trailers()
         if kind == "response_headers":
+            self.response_seen = True
             if self.srv.config.release_on == "response_headers" or req.response_headers.end_of_stream:
                 self.close()
             return (self.srv.responses.resp_headers_continue,)
@@ -436,7 +438,9 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):
                     break  # Envoy closes the stream after an immediate response
             finished = True
         finally:
-            if not finished:
+            # A cancelled RPC may end the request iterator quietly, so "cancelled" means: the
+            # stream ended (or failed) after a pick but before any response came back.
+            if not finished or (stream.lease is not None and not stream.response_seen):
                 self.stats.cancelled += 1
             self.stats.active -= 1
             stream.close()

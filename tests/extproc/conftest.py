@@ -61,7 +61,7 @@ def prompt_text(capture: dict[str, Any], tokenizer_dir: str) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scoring_service(capture: dict[str, Any], model: str, tokenizer_dir: str) -> Iterator[Any]:
     """In-process ScoringService over a real Indexer fed by ``Indexer.apply``."""
     from kvindex_service.scoring import ScoringService
@@ -120,7 +120,7 @@ def _index_matches(ix: Indexer, capture: dict[str, Any], model: str, want: dict[
     return True
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scorer_url(capture: dict[str, Any], model: str, tokenizer_dir: str) -> Iterator[str]:
     """The real scoring service over HTTP, its index fed over real ZMQ."""
     import uvicorn
@@ -189,7 +189,7 @@ class _SlowHandler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slow_scorer_url() -> Iterator[str]:
     """A real HTTP server whose /score answers after 500 ms."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
