@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from kvindex_service._native import KvIndexError
 from kvindex_service.events.replay import (
@@ -77,6 +78,7 @@ _STAT_KEYS = (
     "internal_errors",
     "pods_added",
     "pods_removed",
+    "reconnects",
 )
 _INVALID_TOPIC = ("", "")
 """Cached marker for a topic that failed to parse (a real topic never has an empty pod)."""
@@ -90,7 +92,14 @@ class _Conn:
 
     spec: PodEndpoint
     socket: zmq.Socket[bytes] | None = None
+    monitor: zmq.Socket[bytes] | None = None
+    """PAIR receiving the SUB's disconnect events (see ``Subscriber._on_disconnect``)."""
     pods: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False, slots=True)
+class _Monitor:
+    conn: _Conn
 
 
 class Subscriber:
@@ -156,7 +165,7 @@ class Subscriber:
         self._bind_socket: zmq.Socket[bytes] | None = None
         self._bound_endpoint: str | None = None
         self._poller = zmq.Poller()
-        self._owners: dict[Any, _Conn | ReplayJob | None] = {}
+        self._owners: dict[Any, _Conn | _Monitor | ReplayJob | None] = {}
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -462,13 +471,54 @@ class Subscriber:
         conn = _Conn(spec=spec, socket=sock)
         self._poller.register(sock, zmq.POLLIN)
         self._owners[sock] = conn
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        conn.monitor = monitor
+        self._poller.register(monitor, zmq.POLLIN)
+        self._owners[monitor] = _Monitor(conn)
         with self._lock:
             self._conns[spec.endpoint] = conn
         if spec.pod_id is not None:
             self._track_for(spec.pod_id, conn)
         log.info("subscribed to %s (pod %s)", spec.endpoint, spec.pod_id or "from topic")
 
+    def _on_disconnect(self, conn: _Conn) -> None:
+        """A connect-mode link dropped. libzmq reconnects by itself after an I/O error, but not
+        after a protocol error (a message over ``max_message_bytes``, a peer speaking garbage),
+        which would silently end the pod's subscription: so re-dial explicitly either way."""
+        monitor, sock = conn.monitor, conn.socket
+        if monitor is None or sock is None:
+            return
+        dropped = False
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+        if not dropped:
+            return
+        endpoint = conn.spec.endpoint
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # libzmq already forgot the endpoint (protocol error)
+        sock.connect(endpoint)
+        self._stats["reconnects"] += 1
+        self._warn("reconnect", endpoint, "connection to %s dropped; re-dialling", endpoint)
+
+    def _close_monitor(self, conn: _Conn) -> None:
+        monitor = conn.monitor
+        if monitor is None:
+            return
+        self._poller.unregister(monitor)
+        self._owners.pop(monitor, None)
+        if conn.socket is not None:
+            conn.socket.disable_monitor()
+        monitor.close(linger=0)
+        conn.monitor = None
+
     def _disconnect(self, conn: _Conn) -> None:
+        self._close_monitor(conn)
         sock = conn.socket
         if sock is not None:
             self._poller.unregister(sock)
@@ -514,6 +564,7 @@ class Subscriber:
         for job in list(self._jobs.values()):
             job.close()
         for conn in list(self._conns.values()):
+            self._close_monitor(conn)
             if conn.socket is not None:
                 conn.socket.close(linger=0)
                 conn.socket = None
@@ -544,6 +595,8 @@ class Subscriber:
                         continue  # closed earlier in this round
                     elif isinstance(owner, ReplayJob):
                         self._drain_replay(owner)
+                    elif isinstance(owner, _Monitor):
+                        self._on_disconnect(owner.conn)
                     else:
                         self._drain_live(sock, owner)
                 if self._jobs:
