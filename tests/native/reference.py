@@ -247,21 +247,15 @@ def assert_same_scores(got: ScoreResult, want: RefScoreResult, *, tokens: int | 
     prompt length when `got` came from `score()` (the model only knows block keys)."""
     assert got.total_blocks == want.total_blocks
     assert got.total_tokens == (want.total_tokens if tokens is None else tokens)
-    assert sorted(s.pod for s in got.scores) == sorted(s.pod for s in want.scores)
-    # Best first. The pod-name tie-break is checked separately (known core bug, see
-    # test_scoring.py::test_ties_broken_by_pod_name), so only the ranking keys are ordered.
-    ranks = [(-s.score, -s.matched_blocks) for s in got.scores]
-    assert ranks == sorted(ranks)
-    by_pod = {s.pod: s for s in got.scores}
-    for w in want.scores:
-        g = by_pod[w.pod]
+    # Best first: score desc, then matched blocks desc, then pod name. Scores are float sums,
+    # so order by the model's ranking and compare scores approximately.
+    assert [s.pod for s in got.scores] == [s.pod for s in want.scores]
+    for g, w in zip(got.scores, want.scores, strict=True):
         assert (g.matched_blocks, g.matched_tokens) == (w.matched_blocks, w.matched_tokens)
         assert g.score == pytest.approx(w.score)
         assert {t: n for t, n in g.tier_blocks.items() if n} == w.tier_blocks
     best = got.best()
     if want.scores:
-        assert best is not None and best.pod == got.scores[0].pod
-        assert best.score == pytest.approx(want.scores[0].score)
-        assert best.matched_blocks == want.scores[0].matched_blocks
+        assert best is not None and best.pod == want.scores[0].pod
     else:
         assert best is None

@@ -244,11 +244,6 @@ def test_model_separates_key_spaces() -> None:
 
 # -- bad input ------------------------------------------------------------------------------------
 
-BOOL_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="core regression (fd65df0 fast list extraction): bools are accepted as token ids",
-)
-
 BAD_TOKEN_LISTS: list[Any] = [
     [-1],
     [2**32],
@@ -258,8 +253,8 @@ BAD_TOKEN_LISTS: list[Any] = [
     [1.5],
     ["1"],
     [None],
-    pytest.param([True], marks=BOOL_BUG),
-    pytest.param([False], marks=BOOL_BUG),
+    [True],
+    [False],
     [b"x"],
     [[1]],
     [1] * 20 + [-1],
@@ -311,7 +306,6 @@ def test_unknown_algorithm(algo: str) -> None:
         Indexer(algorithm=algo)
 
 
-@BOOL_BUG
 @pytest.mark.parametrize("bad", [True, False])
 def test_bool_token_rejected(bad: bool) -> None:
     # True == 1 in Python, but a bool in a token list is a caller bug, not token 1.
@@ -336,6 +330,7 @@ def test_wrong_argument_types_are_type_errors() -> None:
         st.floats(allow_nan=True),
         st.text(max_size=3),
         st.none(),
+        st.booleans(),
     ),
     prefix=st.lists(st.integers(0, U32_MAX), max_size=40),
 )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -239,11 +240,6 @@ def test_max_keys_bound_and_lru() -> None:
     ix.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: max_keys is split per internal shard with div_ceil, so a small "
-    "max_keys (or one not a multiple of the shard count) is overshot",
-)
 @pytest.mark.parametrize("max_keys", [1, 10, 100, 1000])
 def test_small_max_keys_bound(max_keys: int) -> None:
     ix = Indexer(shards=1, max_keys=max_keys)
@@ -391,4 +387,28 @@ def test_concurrent_writers_and_readers_match_model() -> None:
         state = ix.pod_state(pod)
         assert state is not None
         assert nonzero(state.blocks_by_tier) == merged.blocks_by_tier(pod)
+    ix.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=5), max_size=60))
+def test_small_index_is_exact_lru(ops: list[list[int]]) -> None:
+    """A small index is one LRU: the least recently written key is evicted first."""
+    cap = 16
+    ix = Indexer(shards=1, max_keys=cap)
+    model: OrderedDict[int, None] = OrderedDict()
+    evictions = 0
+    for keys in ops:
+        ix.add_blocks("p", "m", keys)
+        for k in keys:
+            model[k] = None
+            model.move_to_end(k)
+            if len(model) > cap:
+                model.popitem(last=False)
+                evictions += 1
+        st_ = ix.stats()
+        assert st_.keys == len(model) <= cap
+        assert st_.key_evictions == evictions
+    held = [k for k, entries in zip(range(41), ix.lookup("m", list(range(41))), strict=True) if entries]
+    assert held == sorted(model)
     ix.close()

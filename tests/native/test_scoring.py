@@ -199,10 +199,6 @@ def test_score_keys_counts_block_size_tokens() -> None:
     ix.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: equal (score, matched_blocks) are not ordered by pod name as the stub says",
-)
 def test_ties_broken_by_pod_name() -> None:
     ix = Indexer(block_size=BS, shards=1)
     ix.add_blocks("b:1", "model", [1])
