@@ -242,7 +242,9 @@ class RefIndex:
         return RefScoreResult(scores, len(keys), len(keys) * self.block_size)
 
 
-def assert_same_scores(got: ScoreResult, want: RefScoreResult, *, tokens: int | None = None) -> None:
+def assert_same_scores(
+    got: ScoreResult, want: RefScoreResult, *, tokens: int | None = None
+) -> None:
     """Native scores equal the model's, including order and per-tier runs. `tokens`: the
     prompt length when `got` came from `score()` (the model only knows block keys)."""
     assert got.total_blocks == want.total_blocks

@@ -88,9 +88,8 @@ def stored(
             "token_ids": tokens,
             "block_size": block_size,
         }
-        for name, value in (("medium", medium), ("lora_name", lora_name), ("extra_keys", extra_keys)):
-            if value is not None:
-                event[name] = value
+        optional = {"medium": medium, "lora_name": lora_name, "extra_keys": extra_keys}
+        event.update({k: v for k, v in optional.items() if v is not None})
         return event
     fields = [hashes, parent, tokens, block_size, None, medium, lora_name, extra_keys]
     while len(fields) > 4 and fields[-1] is None:
@@ -139,8 +138,9 @@ def split_topic(topic: bytes) -> tuple[str, str]:
 def apply_to_ref(ref: RefIndex, pod: str, model: str, decoded: list[Any]) -> None:
     """The capture's decoded events, applied to the dict model (engine hashes == keys here)."""
     for ev in decoded[1]:
+        fields: dict[str, Any]
         if isinstance(ev, dict):
-            kind, get = ev["type"], ev.get
+            kind, fields = ev["type"], ev
         else:
             kind = ev[0]
             names = {
@@ -150,11 +150,11 @@ def apply_to_ref(ref: RefIndex, pod: str, model: str, decoded: list[Any]) -> Non
                 "AllBlocksCleared": [],
             }[kind]
             fields = dict(zip(names, ev[1:], strict=False))
-            get = fields.get
+        tier = fields.get("medium") or "GPU"
         if kind == "BlockStored":
-            ref.add_blocks(pod, model, get("block_hashes"), get("medium") or "GPU")
+            ref.add_blocks(pod, model, fields["block_hashes"], tier)
         elif kind == "BlockRemoved":
-            ref.remove_blocks(pod, model, get("block_hashes"), get("medium") or "GPU")
+            ref.remove_blocks(pod, model, fields["block_hashes"], tier)
         else:
             ref.clear_pod(pod)
 
@@ -194,9 +194,8 @@ def check_final_pod_states(ix: Indexer, cap: dict[str, Any], ref: RefIndex) -> N
         assert state.hash_matches > 0 and state.bridge_entries == 0
         assert {t: n for t, n in state.blocks_by_tier.items() if n} == ref.blocks_by_tier(pod)
     for prompt in cap["prompts"].values():
-        keys = TokenProcessor(cap["block_size"], cap["pythonhashseed"], cap["hash_algo"]).block_keys(
-            prompt
-        )
+        tp = TokenProcessor(cap["block_size"], cap["pythonhashseed"], cap["hash_algo"])
+        keys = tp.block_keys(prompt)
         pods = sorted(msgs_by_pod)
         assert_same_scores(
             ix.score(cap["model"], prompt, pods=pods),
@@ -352,7 +351,9 @@ def test_bad_event_does_not_sink_batch() -> None:
     ix.close()
 
 
-HASH_FORMS_SMALL = ["fixint", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64"]
+HASH_FORMS_SMALL = [
+    "fixint", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64"
+]
 
 
 @pytest.mark.parametrize("store_form", HASH_FORMS_SMALL)
@@ -372,7 +373,8 @@ def test_integer_widths_are_one_hash(store_form: str, remove_form: str) -> None:
     assert matched(ix, "p") == 2
     # Children by parent hash in yet another width.
     more = TOKENS + list(range(16))
-    ix.apply("p", MODEL, batch([stored([int_as(55, "uint32")], int_as(44, store_form), more[64:])]), 2)
+    child = stored([int_as(55, "uint32")], int_as(44, store_form), more[64:])
+    ix.apply("p", MODEL, batch([child]), 2)
     assert ix.lookup(MODEL, TP.block_keys(more)[4:])[0] == [("p", "GPU")]
     ix.close()
 
@@ -396,7 +398,10 @@ def test_real_hashes_signed_or_unsigned(signed: bool) -> None:
     assert matched(ix, "p") == 4
     # And removal in the other signedness.
     last = KEYS[0]
-    other = int_as(last - 2**64, "int64") if (not signed and last >= 2**63) else int_as(last, "uint64")
+    if not signed and last >= 2**63:
+        other = int_as(last - 2**64, "int64")
+    else:
+        other = int_as(last, "uint64")
     res = ix.apply("p", MODEL, batch([removed([other])]), 1)
     assert res.removed_blocks == 1 and matched(ix, "p") == 0
     ix.close()

@@ -28,7 +28,8 @@ HASH_CASES = load_hash_vectors()
 
 
 def _case_id(case: dict[str, Any]) -> str:
-    return f"{case['vllm_version']}-{case['algo']}-seed{case['pythonhashseed']}-{len(case['tokens'])}"
+    seed, n = case["pythonhashseed"], len(case["tokens"])
+    return f"{case['vllm_version']}-{case['algo']}-seed{seed}-{n}"
 
 
 def _expected_u64(block: dict[str, Any]) -> int:

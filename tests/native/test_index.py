@@ -409,6 +409,7 @@ def test_small_index_is_exact_lru(ops: list[list[int]]) -> None:
         st_ = ix.stats()
         assert st_.keys == len(model) <= cap
         assert st_.key_evictions == evictions
-    held = [k for k, entries in zip(range(41), ix.lookup("m", list(range(41))), strict=True) if entries]
+    everything = list(range(41))
+    held = [k for k, e in zip(everything, ix.lookup("m", everything), strict=True) if e]
     assert held == sorted(model)
     ix.close()

@@ -209,9 +209,11 @@ def test_gil_released_during_long_calls(what: str) -> None:
     ix = Indexer(shards=1, max_keys=1 << 20)
     keys = tp.block_keys(tokens[:400_000])
     payload = msgpack.packb([1.0, [["BlockStored", keys, None, tokens[:400_000], 16]], 0])
-    native: Callable[[], object] = (
-        (lambda: tp.block_keys(tokens)) if what == "block_keys" else (lambda: ix.apply("p", "m", payload))
-    )
+    native: Callable[[], object]
+    if what == "block_keys":
+        native = lambda: tp.block_keys(tokens)  # noqa: E731
+    else:
+        native = lambda: ix.apply("p", "m", payload)  # noqa: E731
     rng = random.Random(0)
     data = [rng.random() for _ in range(600_000)]
     ratios = []

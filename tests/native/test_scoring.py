@@ -37,7 +37,8 @@ def states(draw: st.DrawFn) -> list[tuple[str, list[int], int, int, str]]:
         n = len(prompt) // BS
         start = draw(st.sampled_from([0, 0, 0, 1]))
         count = draw(st.integers(0, max(0, n - start)))
-        out.append((draw(st.sampled_from(PODS)), prompt, start, count, draw(st.sampled_from(TIERS))))
+        pod, tier = draw(st.sampled_from(PODS)), draw(st.sampled_from(TIERS))
+        out.append((pod, prompt, start, count, tier))
     return out
 
 
@@ -92,7 +93,8 @@ def test_pods_filter_lists_every_candidate() -> None:
     # The filter also excludes: a holder not named is not listed.
     only_b = ix.score("model", list(range(16)), pods=["b:1"])
     assert [s.pod for s in only_b.scores] == ["b:1"]
-    assert only_b.best() is not None and only_b.best().matched_blocks == 0  # type: ignore[union-attr]
+    best_b = only_b.best()
+    assert best_b is not None and best_b.matched_blocks == 0
     ix.close()
 
 
