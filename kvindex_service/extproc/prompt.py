@@ -17,7 +17,7 @@ Malformed bodies raise :class:`BadRequest` (mapped to an immediate 400 by the se
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["CHAT_PATH", "COMPLETIONS_PATH", "BadRequest", "PromptQuery", "is_scored_path", "parse_body"]
@@ -49,6 +49,8 @@ class PromptQuery:
     messages: list[Any] | None = None
     token_ids: list[int] | None = None
     chat_options: dict[str, Any] | None = None
+    cache_salt: str | None = None
+    """vLLM's per-request ``cache_salt``: salted prompts only match blocks with that salt."""
 
 
 def route_path(path: str) -> str:
@@ -100,14 +102,18 @@ def parse_body(path: str, body: bytes) -> PromptQuery:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest(f"{route}: missing 'model'")
+    salt = data.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise BadRequest(f"{route}: 'cache_salt' must be a string")
     if route == COMPLETIONS_PATH:
         if "prompt" not in data:
             raise BadRequest(f"{route}: missing 'prompt'")
-        return _completion_prompt(model, data["prompt"])
+        query = _completion_prompt(model, data["prompt"])
+        return replace(query, cache_salt=salt) if salt else query
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest(f"{route}: 'messages' must be a non-empty list")
     if not all(isinstance(m, dict) for m in messages):
         raise BadRequest(f"{route}: every message must be an object")
     options = {k: data[k] for k in CHAT_OPTIONS if k in data}
-    return PromptQuery(model=model, messages=messages, chat_options=options or None)
+    return PromptQuery(model=model, messages=messages, chat_options=options or None, cache_salt=salt or None)

@@ -119,6 +119,8 @@ def _request_json(query: PromptQuery, pods: Sequence[str]) -> dict[str, Any]:
         body["token_ids"] = query.token_ids
     else:
         body["prompt"] = query.prompt or ""
+    if query.cache_salt:
+        body["cache_salt"] = query.cache_salt
     return body
 
 

@@ -198,3 +198,21 @@ def test_non_openai_paths_are_routed_unscored(scorer_url: str) -> None:
             await server.stop()
 
     run(scenario())
+
+
+def test_cache_salt_separates_key_spaces(scorer_url: str, model: str, prompt_text: dict[str, str]) -> None:
+    """vLLM's ``cache_salt`` reaches the scorer: a salted P1 matches no unsalted block."""
+
+    async def scenario() -> None:
+        server = await start_picker(ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, timeout_ms=5000))
+        try:
+            async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
+                salted = completion_body(model, prompt_text["P1"], cache_salt="tenant-a")
+                picks = [(await client.route("/v1/completions", salted)).endpoint for _ in range(2)]
+                assert sorted(p or "" for p in picks) == sorted(PODS)
+            assert server.picker.stats()["decisions"] == {"round_robin": 2}
+            assert server.picker.stats()["scorer_outcomes"] == {"ok": 2}
+        finally:
+            await server.stop()
+
+    run(scenario())
