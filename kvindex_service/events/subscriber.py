@@ -168,6 +168,8 @@ class Subscriber:
         self._owners: dict[Any, _Conn | _Monitor | ReplayJob | None] = {}
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        self._wake_fd = -1
+        """zmq.Poller reports plain sockets by file descriptor."""
         self._thread: threading.Thread | None = None
         self._commands: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._commands_lock = threading.Lock()
@@ -198,6 +200,7 @@ class Subscriber:
             self._ctx = zmq.Context()
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
+            self._wake_fd = self._wake_r.fileno()
             self._wake_w.setblocking(False)
             self._poller.register(self._wake_r, zmq.POLLIN)
             if self._bind is not None:
@@ -314,26 +317,28 @@ class Subscriber:
         ``pod`` None."""
         natives = {s.pod: s for s in self._indexer.pod_states()}
         with self._lock:
-            tracks = list(self._pods.values())
-            silent = [
-                c.spec
-                for c in self._conns.values()
-                if c.spec.pod_id is None and not c.pods and c.spec.endpoint in self._specs
-            ]
-            if self._state == "new":
-                silent = [s for s in self._specs.values() if s.pod_id is None]
-        out = [self._merge(t, natives.get(t.pod)) for t in sorted(tracks, key=lambda t: t.pod)]
+            tracks = sorted(self._pods.values(), key=lambda t: t.pod)
+            waiting: list[tuple[str | None, PodEndpoint]] = []
+            for spec in self._specs.values():
+                conn = self._conns.get(spec.endpoint)
+                if spec.pod_id is not None:
+                    if spec.pod_id not in self._pods:
+                        waiting.append((spec.pod_id, spec))
+                elif conn is None or not conn.pods:
+                    waiting.append((None, spec))
+            running = self._state == "running"
+        out = [self._merge(t, natives.get(t.pod)) for t in tracks]
         out.extend(
             merge_pod_state(
                 None,
-                None,
-                pod=None,
+                natives.get(pod) if pod else None,
+                pod=pod,
                 mode="connect",
-                endpoint=s.endpoint,
-                replay_endpoint=s.replay_endpoint,
-                subscribed=self._state == "running",
+                endpoint=spec.endpoint,
+                replay_endpoint=spec.replay_endpoint,
+                subscribed=running and spec.endpoint in self._conns,
             )
-            for s in silent
+            for pod, spec in waiting
         )
         return out
 
@@ -589,7 +594,7 @@ class Subscriber:
                 ready = self._poller.poll(self._poll_timeout_ms())
                 for sock, _ in ready:
                     owner = self._owners.get(sock, _MISSING)
-                    if sock is self._wake_r:
+                    if sock == self._wake_fd:
                         self._drain_wake()
                     elif owner is _MISSING:
                         continue  # closed earlier in this round
