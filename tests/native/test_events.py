@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -251,6 +252,54 @@ def test_capture_submitted_all_at_once(vllm_capture: dict[str, Any]) -> None:
         ix.submit(pod, model, int.from_bytes(seq, "big"), payload)
     ix.close()  # applies what is queued
     check_expectations(ix, cap, cap["messages"][-1])
+
+
+def test_concurrent_submitters_and_scorers() -> None:
+    """Eight Python threads replay the capture as eight pod pairs through the queue while two
+    others score; per-pod order holds and every pair ends in the capture's final state."""
+    cap = load_vllm_capture("0.24.0")
+    ix = Indexer(block_size=16, hash_seed=cap["pythonhashseed"], shards=3, queue_capacity=4)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def submitter(i: int) -> None:
+        try:
+            for _ in range(5):
+                for msg in cap["messages"]:
+                    topic, seq, payload = msg["frames"]
+                    pod, model = split_topic(topic)
+                    ix.submit(f"{pod}#{i}", model, int.from_bytes(seq, "big"), payload)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def scorer() -> None:
+        try:
+            while not stop.is_set():
+                for prompt in cap["prompts"].values():
+                    for s in ix.score(cap["model"], prompt).scores:
+                        assert 0 < s.matched_blocks <= len(prompt) // 16
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    scorers = [threading.Thread(target=scorer) for _ in range(2)]
+    submitters = [threading.Thread(target=submitter, args=(i,)) for i in range(8)]
+    for t in scorers + submitters:
+        t.start()
+    for t in submitters:
+        t.join()
+    assert ix.flush(30.0)
+    stop.set()
+    for t in scorers:
+        t.join()
+    assert not errors, errors
+    final = cap["messages"][-1]["expect_after"]
+    for i in range(8):
+        for pod, per_prompt in final.items():
+            for name, blocks in per_prompt.items():
+                res = ix.score(cap["model"], cap["prompts"][name], pods=[f"{pod}#{i}"])
+                assert res.scores[0].matched_blocks == blocks
+    assert ix.counters()["batches_applied"] == 8 * 5 * len(cap["messages"])
+    ix.close()
 
 
 @pytest.mark.parametrize("version", [v for v in VLLM_VERSIONS if v != "0.10.1.1"])
