@@ -204,6 +204,6 @@ def load_settings(
     file_layer = _read_yaml(path) if path else {}
     env_layer = EnvSettingsSource(Settings)()
     merged = deep_merge(file_layer, env_layer, overrides or {})
-    # model_validate does not run BaseSettings.__init__, so the environment is not read a
-    # second time: ``merged`` already holds every layer in the right order.
+    # pydantic-settings applies the environment once more underneath ``merged`` here; that
+    # changes nothing, since ``merged`` already holds every layer in the right order.
     return Settings.model_validate(merged)

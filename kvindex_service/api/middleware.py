@@ -94,11 +94,14 @@ class ServiceMiddleware:
                     started = True
                     return
                 receive = _replay(body, receive)
+            deadline = asyncio.timeout(self.request_timeout)
             try:
-                async with asyncio.timeout(self.request_timeout):
+                async with deadline:
                     await self.app(scope, receive, send_wrapper)
             except TimeoutError:
-                if started:
+                # Only our own deadline becomes a 504; a TimeoutError raised by a route is
+                # an ordinary error (the exception handlers have answered it already).
+                if started or not deadline.expired():
                     raise
                 status = 504
                 msg = f"request did not complete within {self.request_timeout:g} s"

@@ -9,6 +9,7 @@ connect-mode subscription can be addressed by either.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -104,7 +105,10 @@ async def add_pod(request: Request, runtime: RuntimeDep) -> JSONResponse:
                 f"already subscribed: endpoint {existing.endpoint!r}, pod id {existing.pod_id!r}"
             )
     try:
-        added = sub.add_pod(req.endpoint, pod_id=req.pod_id, replay_endpoint=req.replay_endpoint)
+        # Off the event loop: the subscriber's loop thread does the connect and answers.
+        added = await asyncio.to_thread(
+            sub.add_pod, req.endpoint, pod_id=req.pod_id, replay_endpoint=req.replay_endpoint
+        )
     except ValueError as exc:
         text = str(exc)
         if "already" in text or "duplicate" in text:
