@@ -79,7 +79,7 @@ class ExtprocConfig(BaseModel):
         description="scorer deadline; past it the pick is made by load and affinity",
     )
     session_header: str = Field(DEFAULT_SESSION_HEADER, min_length=1)
-    weights: PolicyWeights = Field(default_factory=PolicyWeights)
+    weights: PolicyWeights = Field(default_factory=lambda: PolicyWeights.model_validate({}))
     affinity_margin: float = Field(
         0.25,
         ge=0.0,
