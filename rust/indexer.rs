@@ -609,6 +609,7 @@ impl Inner {
 
     fn clear_pod(&self, pod: PodId) {
         self.index.clear_pod(pod);
+        // the pod still serves its models: `models` is kept (remove_pod resets it)
         self.info(pod).bridge.lock().clear();
         self.counters.add(C::pods_cleared, 1);
     }
@@ -774,6 +775,7 @@ impl Inner {
         let ratio = ebs / bs;
         let Some(parent) = self.parent_chain(model, &bridge, ev.parent_block_hash) else {
             self.counters.add(C::unknown_parents, 1);
+            self.counters.add(C::unplaced_blocks, (n * ratio) as u64);
             info.unknown_parents.fetch_add(1, Relaxed);
             res.unknown_parents += 1;
             return Ok(());

@@ -379,8 +379,14 @@ fn weights_from(obj: Option<&Bound<'_, PyAny>>) -> PyResult<(Vec<(String, f64)>,
     let mut w = vec![("GPU".to_string(), 1.0), ("CPU".to_string(), 0.8)];
     if let Some(o) = obj {
         let d: HashMap<String, f64> = o.extract().map_err(|_| invalid("tier_weights must map tier names to numbers".into()))?;
+        if d.len() > MAX_TIERS {
+            return Err(invalid(format!("tier_weights names {} tiers; at most {MAX_TIERS} are supported", d.len())));
+        }
         for (k, v) in d {
-            let k = k.to_ascii_uppercase();
+            let k = k.trim().to_ascii_uppercase();
+            if k.is_empty() {
+                return Err(invalid("tier_weights has an empty tier name".into()));
+            }
             w.retain(|(n, _)| *n != k);
             w.push((k, v));
         }
