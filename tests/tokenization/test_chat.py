@@ -97,7 +97,11 @@ def test_date_comes_from_strftime_now_or_date_string(llama3_dir: Path) -> None:
 
 
 def test_text_parts_are_joined_with_newlines(pool: TokenizerPool) -> None:
-    parts = [{"type": "text", "text": "First part."}, "bare string", {"type": "text", "text": "Last"}]
+    parts = [
+        {"type": "text", "text": "First part."},
+        "bare string",
+        {"type": "text", "text": "Last"},
+    ]
     plain = [{"role": "user", "content": "First part.\nbare string\nLast"}]
     assert pool.render_chat(MODEL, [{"role": "user", "content": parts}]) == pool.render_chat(
         MODEL, plain
@@ -349,7 +353,9 @@ def test_broken_or_unsafe_templates(tmp_path: Path, llama3_dir: Path, template: 
 
 
 def test_tojson_keeps_non_ascii_and_takes_arguments(tmp_path: Path, llama3_dir: Path) -> None:
-    template = "{{ messages[0]['content'] | tojson }} {{ {'b': 1, 'a': [1]} | tojson(sort_keys=true) }}"
+    template = (
+        "{{ messages[0]['content'] | tojson }} {{ {'b': 1, 'a': [1]} | tojson(sort_keys=true) }}"
+    )
     rendered = _render(tmp_path, llama3_dir, template, [{"role": "user", "content": "café <b>"}])
     assert rendered == '"café <b>" {"a": [1], "b": 1}'
 

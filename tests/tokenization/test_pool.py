@@ -301,3 +301,25 @@ def test_threads_share_one_pool(llama3_dir: Path, reference) -> None:
             t.join()
         assert errors == []
         assert pool.stats()["models_loaded"] == 1
+
+
+def test_async_exact_hit_is_answered_without_a_thread_hop(pool: TokenizerPool, reference) -> None:
+    pool.tokenize(MODEL, MIXED)
+    before = pool.stats()
+
+    async def main() -> Tokenized:
+        # Every worker is busy: an answer that needed the thread pool would wait for them.
+        release = threading.Event()
+        loop = asyncio.get_running_loop()
+        blockers = [loop.run_in_executor(pool._executor, release.wait) for _ in range(8)]
+        try:
+            return await asyncio.wait_for(pool.atokenize(MODEL, MIXED), timeout=1.0)
+        finally:
+            release.set()
+            await asyncio.gather(*blockers)
+
+    got = asyncio.run(main())
+    assert got.token_ids == reference(MIXED) and got.from_prefix_store
+    after = pool.stats()
+    assert after["prefix_store_exact_hits"] == before["prefix_store_exact_hits"] + 1
+    assert after["tokenize_calls"] == before["tokenize_calls"] + 1

@@ -24,14 +24,19 @@ def tokenizers(llama3_dir: Path, variant_dirs: dict[str, Path]) -> dict[str, Loa
 
 
 def _entry(lt: LoadedTokenizer, text: str) -> Entry:
-    ids, starts = lt.encode(text)
-    return Entry("test", text, ids, starts, ())
+    entry = Entry("test", text, lt.encode(text), None, ())
+    lt.entry_starts(entry)
+    return entry
+
+
+def find_cut(lt: LoadedTokenizer, text: str, limit: int, entry: Entry) -> Cut | None:
+    return lt.splice.find_cut(text, limit, entry, lt.entry_starts(entry))
 
 
 def all_cuts(lt: LoadedTokenizer, text: str, entry: Entry, limit: int) -> list[Cut]:
     cuts = []
     while True:
-        cut = lt.splice.find_cut(text, limit, entry)
+        cut = find_cut(lt, text, limit, entry)
         if cut is None:
             return cuts
         cuts.append(cut)
@@ -63,7 +68,8 @@ def test_every_cut_is_exact(tokenizers, variant: str, name: str) -> None:
     suffixes = lt.tokenizer.encode_batch([text[c.pos :] for c in cuts], add_special_tokens=False)
     full = entry.ids.tolist()
     for cut, suffix in zip(cuts, suffixes, strict=True):
-        assert full[: cut.tokens] + suffix.ids == full, (name, cut, text[cut.pos - 10 : cut.pos + 10])
+        context = text[cut.pos - 10 : cut.pos + 10]
+        assert full[: cut.tokens] + suffix.ids == full, (name, cut, context)
 
 
 def test_special_token_cuts_are_found(tokenizers) -> None:
@@ -75,14 +81,14 @@ def test_special_token_cuts_are_found(tokenizers) -> None:
     expected = {i + len(eot) for i in range(len(text)) if text.startswith(eot, i)}
     assert expected <= ends
     # The end of the text is a cut when it ends with a special token (rule C allows c == limit).
-    assert lt.splice.find_cut(text[: max(expected)], max(expected), entry).pos == max(expected)
+    assert find_cut(lt, text[: max(expected)], max(expected), entry).pos == max(expected)
 
 
 def test_fake_special_tokens_are_not_cuts(tokenizers) -> None:
     lt = tokenizers["llama3"]
     text = "x" * 40 + "|>" + "y" * 40 + "<|not_a_token|>" + "z" * 40
     entry = _entry(lt, text)
-    assert lt.splice.find_cut(text, len(text), entry) is None
+    assert find_cut(lt, text, len(text), entry) is None
 
 
 def test_cut_needs_the_space_inside_the_shared_prefix(tokenizers) -> None:
@@ -90,9 +96,9 @@ def test_cut_needs_the_space_inside_the_shared_prefix(tokenizers) -> None:
     text = "alpha beta gamma"
     entry = _entry(lt, text)
     # With 11 shared characters ("alpha beta "), the space at 10 is shared: cut there.
-    assert lt.splice.find_cut(text, 11, entry).pos == 10
+    assert find_cut(lt, text, 11, entry).pos == 10
     # With 10 shared characters the space at 10 is not known to follow: cut at 5.
-    assert lt.splice.find_cut(text, 10, entry).pos == 5
+    assert find_cut(lt, text, 10, entry).pos == 5
 
 
 def test_whitespace_runs_are_never_cut_inside(tokenizers) -> None:
@@ -107,5 +113,26 @@ def test_long_text_without_cuts_in_the_last_window(tokenizers) -> None:
     lt = tokenizers["llama3"]
     text = ENGLISH[:2000] + " " + "x" * 5000
     entry = _entry(lt, text)
-    cut = lt.splice.find_cut(text, len(text), entry)
+    cut = find_cut(lt, text, len(text), entry)
     assert cut is not None and cut.pos == 2000
+
+
+def test_token_byte_offsets_match_the_tokenizer(tokenizers) -> None:
+    """The store derives token positions from a per-id byte-length table: it must agree
+    with the offsets `tokenizers` itself reports, on every text."""
+    lt = tokenizers["llama3"]
+    for text in ALL.values():
+        enc = lt.tokenizer.encode(text, add_special_tokens=False)
+        starts = lt.byte_starts(lt.encode(text))
+        assert starts[-1] == len(text.encode("utf-8"))
+        for i, (start, _end) in enumerate(enc.offsets):
+            # A multi-byte character split over several tokens shares one char offset.
+            assert len(text[:start].encode("utf-8")) <= starts[i] < len(
+                text[: start + 1].encode("utf-8")
+            ) or starts[i] == len(text[:start].encode("utf-8"))
+
+
+def test_encode_matches_plain_encode(tokenizers) -> None:
+    lt = tokenizers["llama3"]
+    for text in ALL.values():
+        assert lt.encode(text).tolist() == lt.tokenizer.encode(text, add_special_tokens=False).ids
