@@ -312,9 +312,9 @@ class Subscriber:
             return list(self._specs.values())
 
     def pod_states(self) -> list[dict[str, Any]]:
-        """One merged record per known pod (see ``merge_pod_state``), sorted by pod id;
-        connect-mode endpoints that have not yet told us their pod id come last, with
-        ``pod`` None."""
+        """One merged record per known pod (see ``merge_pod_state``), sorted by pod id; then
+        configured endpoints that have not published yet (``pod`` is their explicit pod id,
+        or None until their first message names it)."""
         natives = {s.pod: s for s in self._indexer.pod_states()}
         with self._lock:
             tracks = sorted(self._pods.values(), key=lambda t: t.pod)
@@ -544,9 +544,9 @@ class Subscriber:
                 with self._lock:
                     self._specs.pop(spec.endpoint, None)
         with self._lock:
-            spec = self._specs.pop(key, None)
-            if spec is not None and spec.pod_id:
-                pods.add(spec.pod_id)
+            named = self._specs.pop(key, None)
+            if named is not None and named.pod_id:
+                pods.add(named.pod_id)
             for s in [s for s in self._specs.values() if s.pod_id == key]:
                 self._specs.pop(s.endpoint)
         if key in self._pods or not pods:
