@@ -157,7 +157,10 @@ async def _run_server(settings: Any) -> int:
 
     http = settings.http
     family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # proto says TCP, and without it Nagle holds every response body back for the client's
+    # delayed ACK (~40 ms per request on Linux).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         # Bind here, not in uvicorn, so the real port is known (and logged) even for port 0.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

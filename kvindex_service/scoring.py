@@ -47,9 +47,9 @@ __all__ = [
 #: 100k-token prompt cannot hold the loop for milliseconds.
 INLINE_SCORE_MAX_TOKENS = 16_384
 
-# Anything the core could accept; its own range check (0..2^32-1) answers the rest with
-# InvalidInputError, which transports map to 400.
-TokenId = Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)]
+# Any JSON integer (strict: no strings, floats or bools). The core range-checks them
+# (0..2^32-1, any width) and answers InvalidInputError, which transports map to 400.
+TokenId = StrictInt
 
 
 class ChatMessage(BaseModel):

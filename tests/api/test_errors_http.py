@@ -68,7 +68,6 @@ def test_empty_body_is_400(api: httpx.Client) -> None:
         ({"model": MODEL, "token_ids": [1, 2.5]}, "token_ids.1"),
         ({"model": MODEL, "token_ids": [True]}, "token_ids.0"),
         ({"model": MODEL, "token_ids": "1 2 3"}, "token_ids"),
-        ({"model": MODEL, "token_ids": [2**70]}, "token_ids.0"),
         ({"model": MODEL, "prompt": []}, "prompt"),
         ({"model": MODEL, "messages": [{"content": "no role"}]}, "role"),
         ({"model": MODEL, "messages": "hello"}, "messages"),
@@ -81,7 +80,7 @@ def test_invalid_requests_are_422(api: httpx.Client, body: Any, needle: str) -> 
     assert needle in err["message"] or needle in str(err.get("details")), err
 
 
-@pytest.mark.parametrize("token", [-1, 2**32, 2**63])
+@pytest.mark.parametrize("token", [-1, 2**32, 2**63, 2**70, -(2**70)])
 def test_token_ids_out_of_range_are_400(api: httpx.Client, token: int) -> None:
     err = _error(api.post("/score", json={"model": MODEL, "token_ids": [1, token]}), 400, "invalid_input")
     assert str(token) in err["message"] and "token_ids[1]" in err["message"]
