@@ -121,6 +121,10 @@ fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>> {
     let n = r.array()?;
     let mut v = Vec::with_capacity(n as usize);
     for _ in 0..n {
+        if let Some(t) = r.u32_fast() {
+            v.push(t);
+            continue;
+        }
         match r.next()? {
             Value::Int(i) => v.push(check_token(i).map_err(|_| Error::decode(format!("token id {i} out of range")))?),
             other => return Err(Error::decode(format!("token id is {}", kind(&other)))),

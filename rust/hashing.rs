@@ -135,6 +135,7 @@ impl<'a> Extras<'a> {
 
 /// Minimal canonical CBOR writer (shortest integer heads), enough for vLLM's hash input.
 pub mod cbor {
+    #[inline]
     pub fn head(out: &mut Vec<u8>, major: u8, n: u64) {
         let m = major << 5;
         if n < 24 {
@@ -152,6 +153,7 @@ pub mod cbor {
             out.extend_from_slice(&n.to_be_bytes());
         }
     }
+    #[inline]
     pub fn int(out: &mut Vec<u8>, v: i128) {
         if v >= 0 {
             head(out, 0, v as u64);
@@ -168,6 +170,25 @@ pub mod cbor {
         out.extend_from_slice(b);
     }
     pub const NULL: u8 = 0xf6;
+
+    /// Canonical CBOR unsigned ints for a run of token ids (the hot loop of hashing).
+    #[inline]
+    pub fn uints(out: &mut Vec<u8>, vals: &[u32]) {
+        out.reserve(vals.len() * 5);
+        for &v in vals {
+            if v < 24 {
+                out.push(v as u8);
+            } else if v <= 0xff {
+                out.extend_from_slice(&[24, v as u8]);
+            } else if v <= 0xffff {
+                let b = (v as u16).to_be_bytes();
+                out.extend_from_slice(&[25, b[0], b[1]]);
+            } else {
+                let b = v.to_be_bytes();
+                out.extend_from_slice(&[26, b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -236,9 +257,7 @@ impl TokenProcessor {
                     cbor::head(buf, 0, parent.key());
                 }
                 cbor::head(buf, 4, tokens.len() as u64);
-                for &t in tokens {
-                    cbor::head(buf, 0, t as u64);
-                }
+                cbor::uints(buf, tokens);
                 match extra {
                     Some(e) => buf.extend_from_slice(e),
                     None => buf.push(cbor::NULL),

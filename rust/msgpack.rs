@@ -47,6 +47,7 @@ impl<'a> Reader<'a> {
         self.pos >= self.buf.len()
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.remaining() < n {
             return Err(Error::decode(format!("truncated: wanted {n} bytes at offset {}", self.pos)));
@@ -55,14 +56,17 @@ impl<'a> Reader<'a> {
         self.pos += n;
         Ok(s)
     }
+    #[inline]
     fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
+    #[inline]
     fn be<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
+    #[inline]
     fn container(&mut self, n: u32, per_item: usize) -> Result<u32> {
         // every element needs at least one byte: reject impossible lengths up front
         if (n as usize).saturating_mul(per_item) > self.remaining() {
@@ -71,6 +75,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    #[inline]
     pub fn next(&mut self) -> Result<Value<'a>> {
         let m = self.u8()?;
         Ok(match m {
@@ -148,6 +153,22 @@ impl<'a> Reader<'a> {
             0xe0..=0xff => Value::Int((m as i8) as i128),
             0xc1 => return Err(Error::decode("reserved msgpack marker 0xc1")),
         })
+    }
+
+    /// Read an unsigned int that fits in `u32` (fast path for token ids); `None` when the
+    /// next value is anything else (the reader is then left where it was).
+    #[inline]
+    pub fn u32_fast(&mut self) -> Option<u32> {
+        let b = self.buf.get(self.pos..)?;
+        let (v, n) = match *b.first()? {
+            m @ 0x00..=0x7f => (m as u32, 1),
+            0xcc => (*b.get(1)? as u32, 2),
+            0xcd => (u16::from_be_bytes([*b.get(1)?, *b.get(2)?]) as u32, 3),
+            0xce => (u32::from_be_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]), 5),
+            _ => return None,
+        };
+        self.pos += n;
+        Some(v)
     }
 
     /// Skip one whole value (iteratively: deep nesting cannot overflow the stack).
