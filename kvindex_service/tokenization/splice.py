@@ -28,10 +28,10 @@ the rules empirically by splicing the real tokenizer at every candidate boundary
 from __future__ import annotations
 
 import json
-import re
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,9 +53,15 @@ SAFE_SPLIT_PATTERNS: frozenset[str] = frozenset(
     }
 )
 
-# A non-whitespace character followed by an ASCII space. Zero-width and format characters
-# that some Unicode versions counted as whitespace are excluded from the left side.
-_SPACE_CUT = re.compile("[^\\s\u180e\u200b\u200c\u200d\u2060\ufeff] ")
+# Zero-width and format characters that some Unicode versions counted as whitespace: a
+# space after one of them is not a rule-A cut.
+_AMBIGUOUS = frozenset("\u180e\u200b\u200c\u200d\u2060\ufeff")
+
+
+def _not_after_text(ch: str) -> bool:
+    """True if a space after ``ch`` may continue a whitespace run (so it is no cut)."""
+    return ch.isspace() or ch in _AMBIGUOUS
+
 _FIRST_WINDOW = 512
 
 
@@ -80,16 +86,55 @@ def tokens_before(starts: array[int], byte: int) -> int:
 
 @dataclass(frozen=True)
 class SpliceRules:
-    """What the tokenizer allows; ``enabled`` is False when no reuse is provably exact."""
+    """What the tokenizer allows; ``enabled`` is False when no reuse is provably exact.
+
+    ``added_tokens`` maps the text of every ``<|...|>`` added token to its id (empty when
+    rule C does not hold).
+    """
 
     space_cut: bool
     special_cut: bool
-    added_token_len: dict[int, int] = field(default_factory=dict)
+    added_tokens: dict[str, int] = field(default_factory=dict)
     reason: str = ""
+    max_added_len: int = 0
 
     @property
     def enabled(self) -> bool:
         return self.space_cut or self.special_cut
+
+    # -- the rules, on text alone ------------------------------------------------------------
+
+    def space_cuts(self, text: str, lo: int, limit: int) -> Iterator[int]:
+        """Rule A positions ``c`` in ``[max(lo, 1), limit)``, largest first."""
+        if not self.space_cut:
+            return
+        lo = max(lo, 1)
+        pos = text.rfind(" ", lo, limit)
+        while pos >= lo:
+            if not _not_after_text(text[pos - 1]):
+                yield pos
+            pos = text.rfind(" ", lo, pos)
+
+    def special_cuts(self, text: str, lo: int, limit: int) -> Iterator[tuple[int, int, int]]:
+        """Rule C positions ``c`` in ``(lo, limit]`` right after an added token, largest first,
+        with the token's id and UTF-8 length."""
+        if not self.special_cut:
+            return
+        added = self.added_tokens
+        end = limit
+        while True:
+            idx = text.rfind("|>", lo, end)
+            if idx < 0:
+                return
+            begin = text.rfind("<|", max(0, idx + 2 - self.max_added_len), idx)
+            if begin >= 0:
+                token = text[begin : idx + 2]
+                token_id = added.get(token)
+                if token_id is not None:
+                    yield idx + 2, token_id, utf8_len(token, len(token))
+            end = idx + 1
+
+    # -- applying them to a cached entry -----------------------------------------------------
 
     def find_cut(
         self, text: str, limit: int, entry: Entry, starts: array[int], floor: int = 1
@@ -99,49 +144,39 @@ class SpliceRules:
         ``entry`` is the cached tokenization of a text that agrees with ``text`` on its first
         ``limit`` characters and ``starts`` its cumulative token byte offsets. Rule A cuts
         need ``c < limit`` (the space itself must be shared); rule C cuts need ``c <= limit``.
+        The entry must have a token boundary at the cut (the rules guarantee it; checked).
         """
         if not self.enabled or limit <= floor:
             return None
         width = _FIRST_WINDOW
         while True:
-            lo = max(floor - 1, limit - width)
-            best = self._best_in_window(text, lo, limit, entry, starts, floor)
-            if best is not None or lo <= floor - 1:
+            lo = max(floor, limit - width)
+            best = self._best_in_window(text, lo, limit, entry, starts)
+            if best is not None or lo <= floor:
                 return best
             width *= 4
 
     def _best_in_window(
-        self, text: str, lo: int, limit: int, entry: Entry, starts: array[int], floor: int
+        self, text: str, lo: int, limit: int, entry: Entry, starts: array[int]
     ) -> Cut | None:
         best: Cut | None = None
-        if self.space_cut:
-            pos = -1
-            for m in _SPACE_CUT.finditer(text, lo, limit):
-                pos = m.start() + 1
-            if pos >= floor:
-                byte = utf8_len(text, pos)
-                tokens = tokens_before(starts, byte)
-                # A token of the cached text must start exactly at the cut.
-                if tokens < len(entry.ids) and starts[tokens] == byte:
-                    best = Cut(pos, byte, tokens)
-        if self.special_cut:
-            lengths = self.added_token_len
-            end = limit
-            while True:
-                idx = text.rfind("|>", lo, end)
-                if idx < 0:
-                    break
-                pos = idx + 2
-                if best is not None and pos <= best.pos or pos < floor:
-                    break
-                byte = utf8_len(text, pos)
-                tokens = tokens_before(starts, byte)
-                if tokens > 0 and starts[tokens] == byte:
-                    size = lengths.get(entry.ids[tokens - 1])
-                    if size is not None and starts[tokens - 1] == byte - size:
-                        best = Cut(pos, byte, tokens)
-                        break
-                end = idx + 1
+        for pos in self.space_cuts(text, lo, limit):
+            byte = utf8_len(text, pos)
+            tokens = tokens_before(starts, byte)
+            if tokens < len(entry.ids) and starts[tokens] == byte:
+                best = Cut(pos, byte, tokens)
+            break
+        floor = best.pos if best is not None else lo - 1
+        for pos, token_id, size in self.special_cuts(text, floor, limit):
+            byte = utf8_len(text, pos)
+            tokens = tokens_before(starts, byte)
+            if (
+                tokens > 0
+                and starts[tokens] == byte
+                and starts[tokens - 1] == byte - size
+                and entry.ids[tokens - 1] == token_id
+            ):
+                return Cut(pos, byte, tokens)
         return best
 
 
@@ -190,18 +225,19 @@ def analyze(tokenizer: Tokenizer) -> SpliceRules:
     if type(tokenizer.model).__name__ != "BPE" or getattr(tokenizer.model, "dropout", None):
         return _disabled("model is not a deterministic BPE")
     added = tokenizer.get_added_tokens_decoder()
-    lengths: dict[int, int] = {}
+    lengths: dict[str, int] = {}
     special_shape = True
     for token_id, tok in added.items():
         content = tok.content
         if tok.lstrip or tok.rstrip or tok.single_word or any(ch.isspace() for ch in content):
             return _disabled(f"added token {content!r} strips or contains whitespace")
         if content.startswith("<|") and content.find("|>") == len(content) - 2 > 0:
-            lengths[token_id] = len(content.encode("utf-8"))
+            lengths[content] = token_id
         else:
             special_shape = False
     return SpliceRules(
         space_cut=True,
         special_cut=special_shape and bool(lengths),
-        added_token_len=lengths if special_shape else {},
+        added_tokens=lengths if special_shape else {},
+        max_added_len=max(map(len, lengths), default=0) if special_shape else 0,
     )

@@ -136,6 +136,22 @@ def test_every_cached_cut_point_gives_exact_tokens(pool: TokenizerPool, referenc
     assert pool.stats()["prefix_store_realign_failures"] == 0
 
 
+@pytest.mark.parametrize("name", ["mixed", "whitespace", "chat"])
+def test_cached_text_that_forks_anywhere_gives_exact_tokens(
+    pool: TokenizerPool, reference, name
+) -> None:
+    """Cache text[:a] + another continuation, then ask for text: the two texts fork at a."""
+    text = ALL[name]
+    expected = reference(text, False)
+    for a in range(0, len(text), 5):
+        for fork in (" other words", "\n\n  x", "Q"):
+            pool.clear_prefix_store()
+            pool.tokenize(MODEL, text[:a] + fork, add_special_tokens=False)
+            got = pool.tokenize(MODEL, text, add_special_tokens=False)
+            assert got.token_ids == expected, (name, a, fork, text[max(0, a - 10) : a + 10])
+    assert pool.stats()["prefix_store_realign_failures"] == 0
+
+
 @pytest.mark.parametrize("name", ["mixed", "chat"])
 def test_prefix_of_a_cached_text_is_exact(pool: TokenizerPool, reference, name) -> None:
     text = ALL[name]
@@ -187,6 +203,11 @@ _FRAGMENTS = [
     "Straße",
     "مرحبا",
     "def f(x):\n    return x\n",
+    "\t  ",
+    "\n \n",
+    "\r \n",
+    "\u3000  ",
+    "  \t",
     "!!!",
     "...",
     " ",
@@ -198,6 +219,22 @@ _PIECES = st.one_of(
     st.sampled_from([ENGLISH[i : i + 80] for i in range(0, 4000, 80)]),
 )
 _TEXTS = st.lists(_PIECES, min_size=1, max_size=40).map("".join)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(prefix=_TEXTS, first=_TEXTS, second=_TEXTS, special=st.booleans())
+def test_shared_prefix_with_different_continuations(
+    pool: TokenizerPool, reference, prefix, first, second, special
+) -> None:
+    pool.clear_prefix_store()
+    pool.tokenize(MODEL, prefix + first, add_special_tokens=special)
+    request = prefix + second
+    got = pool.tokenize(MODEL, request, add_special_tokens=special)
+    assert got.token_ids == reference(request, special)
 
 
 @settings(

@@ -55,21 +55,45 @@ def test_rules_disabled_with_a_normalizer(tokenizers) -> None:
     assert "normalizer" in rules.reason
 
 
+def rule_positions(lt: LoadedTokenizer, text: str) -> list[int]:
+    """Every cut the rules allow in ``text``, from the text alone (no cached tokens)."""
+    rules = lt.splice
+    spaces = rules.space_cuts(text, 1, len(text))
+    specials = (pos for pos, _id, _size in rules.special_cuts(text, 0, len(text)))
+    return sorted(set(spaces) | set(specials))
+
+
 @pytest.mark.parametrize("variant", CUT_VARIANTS)
 @pytest.mark.parametrize("name", sorted(ALL))
-def test_every_cut_is_exact(tokenizers, variant: str, name: str) -> None:
+def test_every_rule_position_is_a_boundary_and_exact(tokenizers, variant: str, name: str) -> None:
+    """At each position the rules allow, the tokenizer has a token boundary and
+    tokens(text) == tokens(text)[:k] + tokens(text[c:])."""
     lt = tokenizers[variant]
     text = ALL[name]
-    entry = _entry(lt, text)
-    cuts = all_cuts(lt, text, entry, len(text))
-    assert len(cuts) > 20
-    if len(cuts) > 250:  # keep the run short: a deterministic sample of the long texts
-        cuts = random.Random(7).sample(cuts, 250)
-    suffixes = lt.tokenizer.encode_batch([text[c.pos :] for c in cuts], add_special_tokens=False)
-    full = entry.ids.tolist()
-    for cut, suffix in zip(cuts, suffixes, strict=True):
-        context = text[cut.pos - 10 : cut.pos + 10]
-        assert full[: cut.tokens] + suffix.ids == full, (name, cut, context)
+    ids = lt.encode(text)
+    starts = lt.byte_starts(ids)
+    boundaries = set(starts)
+    positions = rule_positions(lt, text)
+    assert len(positions) > 20
+    for pos in positions:
+        assert len(text[:pos].encode("utf-8")) in boundaries, (name, pos, text[pos - 10 : pos + 10])
+    if len(positions) > 250:  # keep the run short: a deterministic sample of the long texts
+        positions = random.Random(7).sample(positions, 250)
+    suffixes = lt.tokenizer.encode_batch([text[pos:] for pos in positions], add_special_tokens=False)
+    full = ids.tolist()
+    for pos, suffix in zip(positions, suffixes, strict=True):
+        k = starts.index(len(text[:pos].encode("utf-8")))
+        context = text[pos - 10 : pos + 10]
+        assert full[:k] + suffix.ids == full, (name, pos, context)
+
+
+@pytest.mark.parametrize("variant", CUT_VARIANTS)
+def test_find_cut_on_a_cached_copy_finds_every_rule_position(tokenizers, variant: str) -> None:
+    lt = tokenizers[variant]
+    for text in ALL.values():
+        entry = _entry(lt, text)
+        found = sorted(c.pos for c in all_cuts(lt, text, entry, len(text)))
+        assert found == rule_positions(lt, text)
 
 
 def test_special_token_cuts_are_found(tokenizers) -> None:

@@ -5,6 +5,7 @@
 * CODE: Python source of a stdlib module (whitespace runs, digits, punctuation, newlines).
 * MIXED: prose written for these tests, with accents, CJK, emoji, combining marks, RTL text,
   non-breaking and ideographic spaces, long digit runs, tabs, CRLF and Llama 3 special tokens.
+* WHITESPACE: every short run of mixed whitespace between words (generated).
 """
 
 from __future__ import annotations
@@ -57,4 +58,21 @@ CHAT_LIKE = (
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
 
-ALL = {"english": ENGLISH, "code": CODE, "mixed": MIXED, "chat": CHAT_LIKE}
+def _whitespace_zoo() -> str:
+    """Every run of one to three whitespace characters (of seven kinds) between words and
+    punctuation: the cases where pre-tokenizer boundaries inside whitespace are subtle."""
+    kinds = [" ", "\t", "\n", "\r", "\u3000", "\u00a0", "\u2028"]
+    runs = [a + b + c for a in kinds for b in ["", *kinds] for c in ["", *kinds]]
+    words = ["word", "x", "42", "?!", "é", "<|eot_id|>"]
+    return "".join(words[i % len(words)] + run for i, run in enumerate(runs)) + "end"
+
+
+WHITESPACE = _whitespace_zoo()
+
+ALL = {
+    "english": ENGLISH,
+    "code": CODE,
+    "mixed": MIXED,
+    "chat": CHAT_LIKE,
+    "whitespace": WHITESPACE,
+}
