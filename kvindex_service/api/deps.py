@@ -17,21 +17,27 @@ from kvindex_service.scoring import ScoringService
 __all__ = ["IndexDep", "RuntimeDep", "ScoringDep", "SettingsDep"]
 
 
-def get_runtime(request: Request) -> Runtime:
+def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_settings(request: Request) -> Settings:
-    return get_runtime(request).settings
+# ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in its thread pool, and a
+# thread hop per dependency would cost more than the whole score of a prompt.
+async def get_runtime(request: Request) -> Runtime:
+    return _runtime(request)
 
 
-def get_scoring(request: Request) -> ScoringService:
-    return get_runtime(request).require_scoring()
+async def get_settings(request: Request) -> Settings:
+    return _runtime(request).settings
 
 
-def get_indexer(request: Request) -> Indexer:
-    return get_runtime(request).require_indexer()
+async def get_scoring(request: Request) -> ScoringService:
+    return _runtime(request).require_scoring()
+
+
+async def get_indexer(request: Request) -> Indexer:
+    return _runtime(request).require_indexer()
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
