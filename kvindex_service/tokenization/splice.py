@@ -21,8 +21,9 @@ Rule C -- right after an added token shaped ``<|...|>``. Added tokens are split 
     there whatever comes next. This makes chat transcripts reusable at every ``<|eot_id|>``.
 
 :func:`analyze` decides from the tokenizer's own configuration whether these rules hold
-and disables reuse otherwise (exact full tokenization is then always used). The tests prove
-the rules empirically by splicing the real tokenizer at every candidate boundary.
+and disables reuse otherwise (exact full tokenization is then always used). The tests check
+every position the rules allow in real texts: it is a token boundary of the real tokenizer
+and splicing there gives the full tokenization, also when the cached text forks right after.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from __future__ import annotations
 import json
 from array import array
 from bisect import bisect_left
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ _AMBIGUOUS = frozenset("\u180e\u200b\u200c\u200d\u2060\ufeff")
 def _not_after_text(ch: str) -> bool:
     """True if a space after ``ch`` may continue a whitespace run (so it is no cut)."""
     return ch.isspace() or ch in _AMBIGUOUS
+
 
 _FIRST_WINDOW = 512
 

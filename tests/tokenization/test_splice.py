@@ -79,7 +79,9 @@ def test_every_rule_position_is_a_boundary_and_exact(tokenizers, variant: str, n
         assert len(text[:pos].encode("utf-8")) in boundaries, (name, pos, text[pos - 10 : pos + 10])
     if len(positions) > 250:  # keep the run short: a deterministic sample of the long texts
         positions = random.Random(7).sample(positions, 250)
-    suffixes = lt.tokenizer.encode_batch([text[pos:] for pos in positions], add_special_tokens=False)
+    suffixes = lt.tokenizer.encode_batch(
+        [text[pos:] for pos in positions], add_special_tokens=False
+    )
     full = ids.tolist()
     for pos, suffix in zip(positions, suffixes, strict=True):
         k = starts.index(len(text[:pos].encode("utf-8")))
