@@ -38,7 +38,7 @@ stubtest: build
 	$(PY) -m mypy.stubtest kvindex_service._native
 
 lint: stubtest
-	cargo clippy --quiet -- -D warnings
+	cargo clippy --quiet --all-targets --features python -- -D warnings
 
 bench: bench-rust bench-py
 

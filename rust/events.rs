@@ -55,7 +55,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch> {
     if n < 2 {
         return Err(Error::decode(format!("batch envelope has {n} elements, expected at least 2")));
     }
-    let ts = match r.next()? {
+    let ts = match r.value()? {
         Value::Float(f) => f,
         Value::Int(i) => i as f64,
         other => return Err(Error::decode(format!("batch timestamp is {}", kind(&other)))),
@@ -79,9 +79,8 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch> {
     }
     let mut dp_rank = None;
     if n >= 3 {
-        match r.next() {
-            Ok(Value::Int(i)) => dp_rank = i64::try_from(i).ok(),
-            Ok(_) | Err(_) => {}
+        if let Ok(Value::Int(i)) = r.value() {
+            dp_rank = i64::try_from(i).ok();
         }
     }
     Ok(Batch { ts, events, dp_rank })
@@ -105,13 +104,13 @@ fn hashes(r: &mut Reader<'_>) -> Result<Vec<EngineHash>> {
     let n = r.array()?;
     let mut v = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        v.push(hash_value(r.next()?)?);
+        v.push(hash_value(r.value()?)?);
     }
     Ok(v)
 }
 
 fn opt_hash(r: &mut Reader<'_>) -> Result<Option<EngineHash>> {
-    match r.next()? {
+    match r.value()? {
         Value::Nil => Ok(None),
         v => hash_value(v).map(Some),
     }
@@ -125,7 +124,7 @@ fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>> {
             v.push(t);
             continue;
         }
-        match r.next()? {
+        match r.value()? {
             Value::Int(i) => v.push(check_token(i).map_err(|_| Error::decode(format!("token id {i} out of range")))?),
             other => return Err(Error::decode(format!("token id is {}", kind(&other)))),
         }
@@ -134,7 +133,7 @@ fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>> {
 }
 
 fn opt_int(r: &mut Reader<'_>) -> Result<Option<i64>> {
-    match r.next()? {
+    match r.value()? {
         Value::Nil => Ok(None),
         Value::Int(i) => i64::try_from(i).map(Some).map_err(|_| Error::decode("integer out of range")),
         other => Err(Error::decode(format!("expected an int, found {}", kind(&other)))),
@@ -142,7 +141,7 @@ fn opt_int(r: &mut Reader<'_>) -> Result<Option<i64>> {
 }
 
 fn opt_str(r: &mut Reader<'_>) -> Result<Option<String>> {
-    match r.next()? {
+    match r.value()? {
         Value::Nil => Ok(None),
         Value::Str(s) => std::str::from_utf8(s)
             .map(|s| Some(s.to_owned()))
@@ -152,7 +151,7 @@ fn opt_str(r: &mut Reader<'_>) -> Result<Option<String>> {
 }
 
 fn extra_keys(r: &mut Reader<'_>) -> Result<Option<Vec<Option<Vec<u8>>>>> {
-    let n = match r.next()? {
+    let n = match r.value()? {
         Value::Nil => return Ok(None),
         Value::Array(n) => n,
         other => return Err(Error::decode(format!("extra_keys is {}", kind(&other)))),
@@ -160,7 +159,7 @@ fn extra_keys(r: &mut Reader<'_>) -> Result<Option<Vec<Option<Vec<u8>>>>> {
     let mut v = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let start = r.pos();
-        if let Value::Nil = r.next()? {
+        if let Value::Nil = r.value()? {
             v.push(None);
             continue;
         }
@@ -273,7 +272,7 @@ fn finish(tag: &str, f: Fields) -> Result<Event> {
 }
 
 pub fn decode_event(r: &mut Reader<'_>) -> Result<Event> {
-    match r.next()? {
+    match r.value()? {
         Value::Array(n) => {
             if n == 0 {
                 return Err(Error::decode("empty event array"));
@@ -294,7 +293,7 @@ pub fn decode_event(r: &mut Reader<'_>) -> Result<Event> {
             let mut tag: Option<String> = None;
             let mut f = Fields::default();
             for _ in 0..n {
-                let key = match r.next()? {
+                let key = match r.value()? {
                     Value::Str(s) => s,
                     other => return Err(Error::decode(format!("event field name is {}", kind(&other)))),
                 };

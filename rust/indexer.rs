@@ -757,7 +757,7 @@ impl Inner {
         let bs = self.tp.block_size();
         let ebs = if ev.block_size > 0 {
             ev.block_size as usize
-        } else if n > 0 && ev.token_ids.len() % n == 0 {
+        } else if n > 0 && ev.token_ids.len().is_multiple_of(n) {
             ev.token_ids.len() / n
         } else {
             return Err(Error::decode("BlockStored without block_size"));

@@ -76,7 +76,7 @@ impl<'a> Reader<'a> {
     }
 
     #[inline]
-    pub fn next(&mut self) -> Result<Value<'a>> {
+    pub fn value(&mut self) -> Result<Value<'a>> {
         let m = self.u8()?;
         Ok(match m {
             0x00..=0x7f => Value::Int(m as i128),
@@ -98,7 +98,7 @@ impl<'a> Reader<'a> {
                 let n = u32::from_be_bytes(self.be()?) as usize;
                 Value::Bin(self.take(n)?)
             }
-            0xc7 | 0xc8 | 0xc9 => {
+            0xc7..=0xc9 => {
                 let n = match m {
                     0xc7 => self.u8()? as usize,
                     0xc8 => u16::from_be_bytes(self.be()?) as usize,
@@ -176,7 +176,7 @@ impl<'a> Reader<'a> {
         let mut pending: u64 = 1;
         while pending > 0 {
             pending -= 1;
-            match self.next()? {
+            match self.value()? {
                 Value::Array(n) => pending += n as u64,
                 Value::Map(n) => pending += 2 * n as u64,
                 _ => {}
@@ -186,14 +186,14 @@ impl<'a> Reader<'a> {
     }
 
     pub fn array(&mut self) -> Result<u32> {
-        match self.next()? {
+        match self.value()? {
             Value::Array(n) => Ok(n),
             other => Err(Error::decode(format!("expected an array, found {}", kind(&other)))),
         }
     }
 
     pub fn str(&mut self) -> Result<&'a str> {
-        match self.next()? {
+        match self.value()? {
             Value::Str(s) => std::str::from_utf8(s).map_err(|_| Error::decode("string is not UTF-8")),
             other => Err(Error::decode(format!("expected a string, found {}", kind(&other)))),
         }
@@ -207,11 +207,11 @@ impl<'a> Reader<'a> {
         // explicit stack of remaining element counts per open array
         let mut stack: Vec<u32> = Vec::new();
         loop {
-            match self.next()? {
+            match self.value()? {
                 Value::Nil => out.push(cbor::NULL),
                 Value::Bool(b) => out.push(if b { 0xf5 } else { 0xf4 }),
                 Value::Int(i) => {
-                    if i < -(1i128 << 64) || i >= (1i128 << 64) {
+                    if !(-(1i128 << 64)..(1i128 << 64)).contains(&i) {
                         return Err(Error::decode("integer out of CBOR range"));
                     }
                     cbor::int(out, i)
@@ -285,16 +285,16 @@ mod tests {
             (&[0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0], i64::MIN as i128),
         ];
         for (b, want) in cases {
-            assert_eq!(Reader::new(b).next().unwrap(), Value::Int(*want));
+            assert_eq!(Reader::new(b).value().unwrap(), Value::Int(*want));
         }
     }
 
     #[test]
     fn impossible_lengths_and_truncation_are_errors() {
-        assert!(Reader::new(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x00]).next().is_err());
-        assert!(Reader::new(&[0xcf, 0x00]).next().is_err());
-        assert!(Reader::new(&[0xc1]).next().is_err());
-        assert!(Reader::new(&[]).next().is_err());
+        assert!(Reader::new(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x00]).value().is_err());
+        assert!(Reader::new(&[0xcf, 0x00]).value().is_err());
+        assert!(Reader::new(&[0xc1]).value().is_err());
+        assert!(Reader::new(&[]).value().is_err());
     }
 
     #[test]
