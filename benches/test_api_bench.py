@@ -132,10 +132,35 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, 
         service.stop()
 
 
+def _server_time(base: str) -> tuple[float, float]:
+    """(sum of seconds, count) the service itself spent in POST /score, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    total = count = 0.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "kvindex_http_request_duration_seconds":
+            continue
+        for smp in fam.samples:
+            if smp.labels.get("route") == "/score" and smp.labels.get("method") == "POST":
+                if smp.name.endswith("_sum"):
+                    total = smp.value
+                elif smp.name.endswith("_count"):
+                    count = smp.value
+    return total, count
+
+
 def _run(url: str, bodies: list[dict[str, Any]], rate: float, duration: float) -> dict[str, Any]:
+    """Open-loop run; adds the mean time spent inside the service (from its own histogram),
+    so transport + client cost and server cost can be told apart."""
     raw = [json.dumps(b).encode() for b in bodies]
+    base = url.rsplit("/", 1)[0]
+    s0, c0 = _server_time(base)
     res = asyncio.run(run_open_loop(url, raw, rate=rate, duration=duration, connections=32, warmup=1.0))
-    return res.summary()
+    s1, c1 = _server_time(base)
+    summary = res.summary()
+    summary["server_mean_ms"] = round((s1 - s0) / (c1 - c0) * 1000, 3) if c1 > c0 else float("nan")
+    return summary
 
 
 def _record(name: str, summary: dict[str, Any]) -> None:
