@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
@@ -54,9 +54,9 @@ class _Section(BaseModel):
 
 class HttpSettings(_Section):
     host: str = "0.0.0.0"
-    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    request_timeout: float = Field(30.0, gt=0, description="seconds per request, then 504")
+    port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    request_timeout: float = Field(default=30.0, gt=0, description="seconds per request, then 504")
 
 
 class PodConfig(_Section):
@@ -69,15 +69,15 @@ class PodConfig(_Section):
 
 class ZmqSettings(_Section):
     bind: str | None = Field(
-        "tcp://0.0.0.0:5557",
+        default="tcp://0.0.0.0:5557",
         description="SUB endpoint every pod connects to; null disables bind mode",
     )
     pods: list[PodConfig] = Field(default_factory=list)
     topic_prefix: str = "kv@"
-    rcvhwm: int = Field(100_000, ge=1)
-    replay_timeout: float = Field(1.0, gt=0)
-    replay_retries: int = Field(3, ge=0)
-    replay_backoff: float = Field(0.1, ge=0)
+    rcvhwm: int = Field(default=100_000, ge=1)
+    replay_timeout: float = Field(default=1.0, gt=0)
+    replay_retries: int = Field(default=3, ge=0)
+    replay_backoff: float = Field(default=0.1, ge=0)
 
     @field_validator("bind", mode="before")
     @classmethod
@@ -88,13 +88,13 @@ class ZmqSettings(_Section):
 
 
 class IndexSettings(_Section):
-    block_size: int = Field(16, ge=1)
-    hash_seed: str | None = Field(None, description="vLLM's PYTHONHASHSEED")
+    block_size: int = Field(default=16, ge=1)
+    hash_seed: str | None = Field(default=None, description="vLLM's PYTHONHASHSEED")
     hash_algo: str = "sha256_cbor"
-    max_keys: int = Field(10_000_000, ge=1)
-    max_pods_per_key: int = Field(64, ge=1)
-    shards: int = Field(0, ge=0, description="0 = one per CPU core")
-    queue_capacity: int = Field(1024, ge=1)
+    max_keys: int = Field(default=10_000_000, ge=1)
+    max_pods_per_key: int = Field(default=64, ge=1)
+    shards: int = Field(default=0, ge=0, description="0 = one per CPU core")
+    queue_capacity: int = Field(default=1024, ge=1)
     tier_weights: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8})
 
     @field_validator("hash_seed", mode="before")
@@ -110,15 +110,14 @@ class TokenizerSettings(_Section):
     )
     chat_templates: dict[str, str] = Field(default_factory=dict, description="model -> file")
     mode: Literal["exact", "fast"] = Field(
-        "exact",
+        default="exact",
         description="exact: prefix-store reuse only at provably safe cuts; fast: looser reuse",
     )
-    prefix_store_chars: int = Field(64_000_000, ge=0)
-    chunk_chars: int = Field(256, ge=1)
-    max_workers: int = Field(4, ge=1)
+    prefix_store_chars: int = Field(default=64_000_000, ge=0)
+    chunk_chars: int = Field(default=256, ge=1)
+    max_workers: int = Field(default=4, ge=1)
     hf_cache: str | None = None
-    llama32_defaults: bool = Field(
-        True, description="serve the Llama 3.2 model names with the bundled tokenizer"
+    llama32_defaults: bool = Field(default=True, description="serve the Llama 3.2 model names with the bundled tokenizer"
     )
 
     def effective_sources(self) -> dict[str, str]:
@@ -137,7 +136,7 @@ class TokenizerSettings(_Section):
 
 class LogSettings(_Section):
     level: str = "INFO"
-    json_: bool = Field(False, alias="json", description="one JSON object per line")
+    json_: bool = Field(default=False, alias="json", description="one JSON object per line")
 
     @field_validator("level")
     @classmethod
@@ -158,11 +157,11 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    http: HttpSettings = Field(default_factory=HttpSettings)
-    zmq: ZmqSettings = Field(default_factory=ZmqSettings)
-    index: IndexSettings = Field(default_factory=IndexSettings)
-    tokenizers: TokenizerSettings = Field(default_factory=TokenizerSettings)
-    log: LogSettings = Field(default_factory=LogSettings)
+    http: HttpSettings = Field(default_factory=lambda: HttpSettings())
+    zmq: ZmqSettings = Field(default_factory=lambda: ZmqSettings())
+    index: IndexSettings = Field(default_factory=lambda: IndexSettings())
+    tokenizers: TokenizerSettings = Field(default_factory=lambda: TokenizerSettings())
+    log: LogSettings = Field(default_factory=lambda: LogSettings())
 
 
 def deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:

@@ -66,16 +66,15 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, description="model name, as in the pods' KV-event topics")
-    token_ids: list[TokenId] | None = Field(None, description="prompt token ids")
-    prompt: str | list[str] | None = Field(
-        None, description="completion prompt; for a list, the first prompt is scored"
+    token_ids: list[TokenId] | None = Field(default=None, description="prompt token ids")
+    prompt: str | list[str] | None = Field(default=None, description="completion prompt; for a list, the first prompt is scored"
     )
-    messages: list[ChatMessage] | None = Field(None, description="chat messages")
+    messages: list[ChatMessage] | None = Field(default=None, description="chat messages")
     add_generation_prompt: bool = True
-    add_special_tokens: bool = Field(True, description="prompt only: add BOS like vLLM")
+    add_special_tokens: bool = Field(default=True, description="prompt only: add BOS like vLLM")
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    pods: list[str] | None = Field(None, description="candidates; all of them are listed")
+    pods: list[str] | None = Field(default=None, description="candidates; all of them are listed")
     lora_name: str | None = None
     cache_salt: str | None = None
 

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 def _rid(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+    rid = request.scope.get("state", {}).get("request_id")
+    return rid if isinstance(rid, str) else None
 
 
 def _reply(status: int, type_: str, message: str, details: Any = None) -> JSONResponse:

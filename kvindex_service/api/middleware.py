@@ -115,7 +115,7 @@ class ServiceMiddleware:
     def _request_id(scope: Scope) -> str:
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
-                candidate = value.decode("latin-1")
+                candidate: str = bytes(value).decode("latin-1")
                 if _REQUEST_ID.match(candidate):
                     return candidate
                 break

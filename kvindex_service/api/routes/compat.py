@@ -62,7 +62,7 @@ class LlmdChatRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] | None = None
-    conversation: list[ChatMessage] | None = Field(None, description="llm-d's older name for messages")
+    conversation: list[ChatMessage] | None = Field(default=None, description="llm-d's older name for messages")
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -121,13 +121,13 @@ class _QueryBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    lora_name: str | None = Field(None, description="empty or null: the base model")
-    lora_id: int | None = Field(None, description="deprecated; ignored")
+    lora_name: str | None = Field(default=None, description="empty or null: the base model")
+    lora_id: int | None = Field(default=None, description="deprecated; ignored")
     tenant_id: str = "default"
     instance_id: str | None = None
-    block_size: int | None = Field(None, ge=1)
+    block_size: int | None = Field(default=None, ge=1)
     cache_salt: str | None = None
-    medium: list[str] | None = Field(None, description="tiers to report (GPU/CPU/DISK or L1/L2/L3)")
+    medium: list[str] | None = Field(default=None, description="tiers to report (GPU/CPU/DISK or L1/L2/L3)")
 
 
 class QueryRequest(_QueryBase):
@@ -136,8 +136,8 @@ class QueryRequest(_QueryBase):
 
 class QueryByHashRequest(_QueryBase):
     seq_hashes: list[BlockHash] | None = None
-    block_hash: list[BlockHash] | None = Field(None, description="earlier draft name")
-    block_hashes: list[BlockHash] | None = Field(None, description="Dynamo's name")
+    block_hash: list[BlockHash] | None = Field(default=None, description="earlier draft name")
+    block_hashes: list[BlockHash] | None = Field(default=None, description="Dynamo's name")
 
     @model_validator(mode="after")
     def _one_list(self) -> QueryByHashRequest:

@@ -37,8 +37,8 @@ class AddPodRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     endpoint: str = Field(min_length=1, description="vLLM's PUB endpoint, e.g. tcp://10.0.0.1:5557")
-    pod_id: str | None = Field(None, description="overrides the pod id found in the topic")
-    replay_endpoint: str | None = Field(None, description="vLLM's replay ROUTER endpoint")
+    pod_id: str | None = Field(default=None, description="overrides the pod id found in the topic")
+    replay_endpoint: str | None = Field(default=None, description="vLLM's replay ROUTER endpoint")
 
 
 def _native(state: PodState) -> dict[str, Any]:
