@@ -165,6 +165,9 @@ async def _run_server(settings: Any) -> int:
         # Bind here, not in uvicorn, so the real port is known (and logged) even for port 0.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((http.host, http.port))
+        # Listen now: a client that read the logged address may connect at once; the kernel
+        # queues it until uvicorn accepts (after the runtime has started).
+        sock.listen(2048)
     except OSError as exc:
         sock.close()
         logger.error("cannot listen on %s:%s: %s", http.host, http.port, exc)
