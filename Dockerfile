@@ -13,7 +13,7 @@ COPY Cargo.toml Cargo.lock pyproject.toml ./
 COPY rust ./rust
 COPY benches/core.rs ./benches/core.rs
 COPY kvindex_service ./kvindex_service
-# abi3 wheel: one build serves every CPython >= 3.11.
+# Built against bookworm's CPython 3.11, the same minor version as the runtime image below.
 RUN /opt/maturin/bin/maturin build --release --strip --out /dist
 
 FROM python:3.11-slim-bookworm AS runtime
