@@ -9,7 +9,7 @@ Runs:
 
 * ``token_ids``   2,048-token token-id bodies at 500 req/s (open loop, 10 s);
 * ``text_seen``   a ~4k-token text prompt already in the prefix store, 200 req/s;
-* ``text_shared`` ~4k-token prompts never seen whole, sharing a ~3.8k-token document
+* ``text_shared`` ~4k-token prompts never seen whole, sharing a ~4k-token document
                   with earlier ones (a new question each time), 100 req/s;
 * ``text_cold``   ~4k-token prompts with nothing in common (full tokenization), 50 req/s.
 
@@ -194,7 +194,7 @@ def test_text_prompts_seen_before_vs_first_seen(filled: tuple[Service, list[list
     service, _ = filled
     rng = random.Random(9)
     url = f"{service.url}/score"
-    document = _words(rng, 1500)  # ~3.8k tokens
+    document = _words(rng, 1950)  # ~4k tokens with the question
     with httpx.Client(timeout=30) as c:
         seen = {"model": MODEL, "prompt": document + "\nQuestion: which depot ships first?"}
         body = c.post(url, json=seen).json()
@@ -202,5 +202,5 @@ def test_text_prompts_seen_before_vs_first_seen(filled: tuple[Service, list[list
     _record("text_seen_before_200rps", {**_run(url, [seen], 200, 5), "prompt_tokens": tokens})
     shared = [{"model": MODEL, "prompt": document + f"\nQuestion {i}: {_words(rng, 30)}?"} for i in range(2000)]
     _record("text_shared_document_new_question_100rps", _run(url, shared, 100, 5))
-    cold = [{"model": MODEL, "prompt": f"Case {i}. " + _words(rng, 1500)} for i in range(400)]
+    cold = [{"model": MODEL, "prompt": f"Case {i}. " + _words(rng, 1950)} for i in range(400)]
     _record("text_first_seen_50rps", _run(url, cold, 50, 5))
