@@ -52,6 +52,7 @@ bench-py: build
 	$(PY) benches/report.py
 
 demo: build
+	mkdir -p benches/out
 	$(VENV)/bin/kvindex simulate --workload shared-prefix --pods 3 --duration 60 --seed 7 --plot benches/out/demo.png
 
 clean:
