@@ -39,7 +39,7 @@ DEFAULT_ROUTERS = (
 
 # Per-workload defaults for flags left unset: (rate, pod capacity in blocks).
 _DEFAULTS: dict[str, tuple[float | None, int]] = {
-    "shared-prefix": (6.0, 1024),
+    "shared-prefix": (6.0, 640),
     "chat": (0.5, 2048),
     "trace": (None, 16384),
 }
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = p.add_argument_group("fleet")
     f.add_argument("--pods", type=int, default=3)
-    f.add_argument("--pod-capacity", type=int, help="KV blocks per pod (default 1024 "
+    f.add_argument("--pod-capacity", type=int, help="KV blocks per pod (default 640 "
                    "shared-prefix, 2048 chat, 16384 trace)")
     f.add_argument("--block-size", type=int, default=16)
     f.add_argument("--max-running", type=int, default=ServiceModel.max_running)

@@ -38,6 +38,9 @@ class ServiceModel:
     decode_s_per_token: float = 0.02
     max_running: int = 8
     """Requests a pod runs at once; the others wait in FIFO order (as vLLM's scheduler)."""
+    serial_prefill: bool = True
+    """Prefill is compute-bound: a pod's prefills run one after another (decode overlaps),
+    so uncached tokens sent to one pod delay the first token of the requests behind them."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class _Server:
         self.pod = pod
         self.running = 0
         self.waiting: deque[Request] = deque()
+        self.prefill_free_at = 0.0
 
 
 class _Fleet:
@@ -211,7 +215,9 @@ def _serve(
             cached = alloc.hit_blocks * pod.block_size
             rec.cached_tokens = cached
             rec.admitted = now
-            rec.first_token = now + (req.prompt_len - cached) * service.prefill_s_per_token
+            start = max(now, server.prefill_free_at) if service.serial_prefill else now
+            rec.first_token = start + (req.prompt_len - cached) * service.prefill_s_per_token
+            server.prefill_free_at = rec.first_token
             rec.finished = rec.first_token + req.output_len * service.decode_s_per_token
             heapq.heappush(heap, (rec.finished, order, _FINISH, (i, req, alloc)))
             order += 1

@@ -97,7 +97,7 @@ class _FallbackSubscriber:
 
 def _make_subscriber(indexer: Indexer, ctx: zmq.Context[Any]) -> tuple[_SubscriberLike, str]:
     try:
-        from kvindex_service.events import Subscriber
+        from kvindex_service.events.subscriber import Subscriber
     except ImportError:
         log.warning("kvindex_service.events not available; using the simulator's own SUB loop")
         return _FallbackSubscriber(indexer, ctx), "sim-fallback"
