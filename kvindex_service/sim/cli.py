@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pod-capacity", type=int, help="KV blocks per pod (default 640 "
                    "shared-prefix, 2048 chat, 16384 trace)")
     f.add_argument("--block-size", type=int, default=16)
+    f.add_argument("--picker-load-weight", type=float, default=None,
+                   help="kvindex router: the picker's cost of one extra in-flight request "
+                   "(default: the picker's own default, 0.25)")
     f.add_argument("--max-running", type=int, default=ServiceModel.max_running)
     f.add_argument("--prefill-ms-per-token", type=float,
                    default=ServiceModel.prefill_s_per_token * 1000)
@@ -166,6 +169,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         model=args.model,
         hash_seed=args.hash_seed,
         service=service,
+        picker_load_weight=args.picker_load_weight,
     )
     from tqdm import tqdm
 

@@ -54,6 +54,8 @@ class FleetConfig:
     first_port: int = 18001
     replay_buffer: int = 1000
     service: ServiceModel = field(default_factory=ServiceModel)
+    picker_load_weight: float | None = None
+    """The `kvindex` router's picker: cost of one extra in-flight request (None: its default)."""
 
     def pod_ids(self) -> list[str]:
         """Names shaped like routable ``ip:port`` endpoints; nothing connects to them."""
@@ -160,7 +162,13 @@ def run_router(
     try:
         pods = _build_pods(cfg, ctx)
         fleet = _Fleet(pods)
-        router.bind(fleet, zmq_context=ctx, model=cfg.model, hash_seed=cfg.hash_seed)
+        router.bind(
+            fleet,
+            zmq_context=ctx,
+            model=cfg.model,
+            hash_seed=cfg.hash_seed,
+            picker_load_weight=cfg.picker_load_weight,
+        )
         records = _serve(router, fleet, requests, cfg.service, on_request)
         stats = router.stats()
     finally:

@@ -190,8 +190,10 @@ BASELINE_ROUTERS: dict[str, Callable[[int], Router]] = {
 
 
 def _registry() -> dict[str, Callable[[int], Router]]:
+    from .picker_router import KvindexPickerRouter  # imports grpc; only when asked for
+
     reg = dict(BASELINE_ROUTERS)
-    reg["kvindex"] = KvindexDirectRouter
+    reg["kvindex"] = KvindexPickerRouter
     return reg
 
 
