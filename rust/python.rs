@@ -133,6 +133,19 @@ fn check_block_size(block_size: i64) -> PyResult<usize> {
         .ok_or_else(|| invalid(format!("block_size must be a positive int, got {block_size}")))
 }
 
+/// One request's block keys: extract, detach, hash.
+fn block_keys_of(
+    py: Python<'_>,
+    tp: &TokenProcessor,
+    token_ids: &Bound<'_, PyAny>,
+    lora_name: Option<&str>,
+    cache_salt: Option<&str>,
+) -> PyResult<Vec<u64>> {
+    let toks = extract_tokens(token_ids)?;
+    let extras = Extras::for_request(lora_name, cache_salt);
+    Ok(py.detach(|| tp.block_keys(&toks, &extras)))
+}
+
 #[pyclass(name = "TokenProcessor", module = "kvindex_service._native", frozen)]
 struct PyTokenProcessor {
     tp: TokenProcessor,
@@ -169,9 +182,7 @@ impl PyTokenProcessor {
         lora_name: Option<&str>,
         cache_salt: Option<&str>,
     ) -> PyResult<Vec<u64>> {
-        let toks = extract_tokens(token_ids)?;
-        let extras = Extras::for_request(lora_name, cache_salt);
-        Ok(py.detach(|| self.tp.block_keys(&toks, &extras)))
+        block_keys_of(py, &self.tp, token_ids, lora_name, cache_salt)
     }
     fn __repr__(&self) -> String {
         format!(
@@ -460,10 +471,7 @@ impl PyIndexer {
         lora_name: Option<&str>,
         cache_salt: Option<&str>,
     ) -> PyResult<Vec<u64>> {
-        let toks = extract_tokens(token_ids)?;
-        let extras = Extras::for_request(lora_name, cache_salt);
-        let tp = self.ix.token_processor();
-        Ok(py.detach(|| tp.block_keys(&toks, &extras)))
+        block_keys_of(py, self.ix.token_processor(), token_ids, lora_name, cache_salt)
     }
 
     fn submit(&self, py: Python<'_>, pod: &str, model: &str, seq: u64, payload: &[u8]) -> PyResult<bool> {
