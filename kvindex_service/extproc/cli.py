@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, help="per-endpoint in-flight cap; all at cap -> 429")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (0 = off)")
     p.add_argument("--kv-weight", type=float, help="weight of the cached prefix fraction (default 1.0)")
-    p.add_argument("--load-weight", type=float, help="cost of one extra in-flight request (default 0.25)")
+    p.add_argument("--load-weight", type=float, help="cost of one extra in-flight request (default 0.1)")
     p.add_argument("--affinity-margin", type=float, help="prefix fraction needed to move a session (default 0.25)")
     p.add_argument("--release-on", choices=["response_headers", "response_end"], help="when in-flight counts drop")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain streams on shutdown")

@@ -50,14 +50,15 @@ class PolicyWeights(BaseModel):
     ``prefix_fraction`` is the tier-weighted share of the prompt's full blocks an endpoint
     already holds (0..1); ``extra_inflight`` is how many more requests the endpoint has in
     flight than the least loaded eligible endpoint. With the defaults, one extra in-flight
-    request costs as much as a quarter of the prompt: an endpoint holding the whole prompt
-    keeps winning until it runs four requests more than an idle peer, then traffic spills.
+    request costs as much as a tenth of the prompt: an endpoint holding the whole prompt
+    keeps winning until it runs ten requests more than an idle peer, then traffic spills
+    (chosen from `kvindex simulate` runs; see the README's simulator section).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     kv: float = Field(1.0, ge=0.0, description="weight of the cached prefix fraction")
-    load: float = Field(0.25, ge=0.0, description="cost of one extra in-flight request")
+    load: float = Field(0.1, ge=0.0, description="cost of one extra in-flight request")
 
 
 class ExtprocConfig(BaseModel):

@@ -130,7 +130,7 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     )
     config = build_config(args)
     assert config.endpoints == ["10.0.0.1:8000", "[fd00::1]:8000"]
-    assert config.max_inflight == 8 and config.weights.kv == 2.0 and config.weights.load == 0.25
+    assert config.max_inflight == 8 and config.weights.kv == 2.0 and config.weights.load == 0.1
     assert config.session_header == "x-user" and config.release_on == "response_end"
 
 

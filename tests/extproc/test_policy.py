@@ -48,9 +48,11 @@ def test_longest_prefix_wins_until_its_load_costs_more(scorer_url: str, model: s
         finally:
             await server.stop()
 
-    # Defaults: one extra in-flight request costs a quarter of the prompt; POD1's lead is a
-    # third, so it takes two requests and the third spills to POD2.
-    assert run(scenario(PolicyWeights())) == [POD1, POD1, POD2]
+    # One extra in-flight request costing a quarter of the prompt: POD1's lead is a third, so
+    # it takes two requests and the third spills to POD2.
+    assert run(scenario(PolicyWeights(load=0.25))) == [POD1, POD1, POD2]
+    # The default (a tenth): POD1 keeps all three.
+    assert run(scenario(PolicyWeights())) == [POD1, POD1, POD1]
     # Load ignored: everything piles onto the longest prefix.
     assert run(scenario(PolicyWeights(load=0.0))) == [POD1, POD1, POD1]
     # KV ignored: pure least-loaded.
