@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--block-size", type=int, default=16)
     f.add_argument("--picker-load-weight", type=float, default=None,
                    help="kvindex router: the picker's cost of one extra in-flight request "
-                   "(default: the picker's own default, 0.25)")
+                   "(default: the picker's own, 0.1)")
     f.add_argument("--max-running", type=int, default=ServiceModel.max_running)
     f.add_argument("--prefill-ms-per-token", type=float,
                    default=ServiceModel.prefill_s_per_token * 1000)
