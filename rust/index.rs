@@ -81,12 +81,18 @@ struct Shard {
     head: u32,
     tail: u32,
     cap: usize,
-    pod_keys: HashMap<PodId, HashSet<u64>>,
-    pod_tiers: HashMap<PodId, [i64; MAX_TIERS]>,
+    /// Per pod: the keys of this shard it holds (for clearing) and its entries per tier.
+    pods: HashMap<PodId, PodShard>,
     entries: u64,
     key_evictions: u64,
     entry_evictions: u64,
     spilled_bytes: i64,
+}
+
+#[derive(Default)]
+struct PodShard {
+    keys: HashSet<u64>,
+    tiers: [i64; MAX_TIERS],
 }
 
 #[inline]
@@ -143,7 +149,7 @@ impl Shard {
     }
 
     fn count(&mut self, pod: PodId, tier: Tier, delta: i64) {
-        self.pod_tiers.entry(pod).or_insert([0; MAX_TIERS])[tier as usize] += delta;
+        self.pods.entry(pod).or_default().tiers[tier as usize] += delta;
         self.entries = (self.entries as i64 + delta) as u64;
     }
 
@@ -151,8 +157,8 @@ impl Shard {
     fn drop_pod_key_if_gone(&mut self, i: u32, pod: PodId) {
         let ikey = self.nodes[i as usize].ikey;
         if !self.nodes[i as usize].entries.iter().any(|&e| entry_pod(e) == pod) {
-            if let Some(set) = self.pod_keys.get_mut(&pod) {
-                set.remove(&ikey);
+            if let Some(ps) = self.pods.get_mut(&pod) {
+                ps.keys.remove(&ikey);
             }
         }
     }
@@ -186,12 +192,12 @@ impl Shard {
         let ikey = self.nodes[t as usize].ikey;
         let entries = std::mem::take(&mut self.nodes[t as usize].entries);
         for e in entries.iter() {
-            let pod = entry_pod(*e);
-            self.count(pod, entry_tier(*e), -1);
-            if let Some(set) = self.pod_keys.get_mut(&pod) {
-                set.remove(&ikey);
+            if let Some(ps) = self.pods.get_mut(&entry_pod(*e)) {
+                ps.tiers[entry_tier(*e) as usize] -= 1;
+                ps.keys.remove(&ikey);
             }
         }
+        self.entries -= entries.len() as u64;
         self.spilled_bytes -= heap_bytes(&entries);
         self.free_node(t);
         self.key_evictions += 1;
@@ -245,8 +251,11 @@ impl Shard {
         entries.push(e);
         let after = heap_bytes(entries);
         self.spilled_bytes += after - before;
-        self.count(pod, tier, 1);
-        self.pod_keys.entry(pod).or_default().insert(ikey);
+        // one lookup for both: the pod's tier count and its reverse set
+        let ps = self.pods.entry(pod).or_default();
+        ps.tiers[tier as usize] += 1;
+        ps.keys.insert(ikey);
+        self.entries += 1;
         if let Some(old) = evicted {
             self.entry_evictions += 1;
             self.count(entry_pod(old), entry_tier(old), -1);
@@ -269,7 +278,7 @@ impl Shard {
     }
 
     fn clear_pod(&mut self, pod: PodId) -> u64 {
-        let Some(keys) = self.pod_keys.remove(&pod) else { return 0 };
+        let Some(PodShard { keys, .. }) = self.pods.remove(&pod) else { return 0 };
         let mut removed = 0;
         for ikey in keys {
             let Some(&i) = self.map.get(&ikey) else { continue };
@@ -286,18 +295,17 @@ impl Shard {
             }
         }
         self.entries -= removed;
-        self.pod_tiers.remove(&pod);
         removed
     }
 
     fn bytes_used(&self) -> usize {
-        let set_bytes: usize = self.pod_keys.values().map(|s| s.capacity() * 9 + 48).sum();
+        let set_bytes: usize = self.pods.values().map(|p| p.keys.capacity() * 9 + 48 + 8 * MAX_TIERS).sum();
         self.nodes.capacity() * std::mem::size_of::<Node>()
             + self.digests.capacity() * 24
             + self.free.capacity() * 4
             + self.map.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
             + set_bytes
-            + self.pod_tiers.capacity() * (4 + 8 * MAX_TIERS + 1)
+            + self.pods.capacity() * (std::mem::size_of::<(PodId, PodShard)>() + 1)
             + self.spilled_bytes.max(0) as usize
     }
 }
@@ -408,8 +416,8 @@ impl BlockIndex {
     pub fn pod_tier_counts(&self, pod: PodId) -> [i64; MAX_TIERS] {
         let mut out = [0i64; MAX_TIERS];
         for s in self.shards.iter() {
-            if let Some(c) = s.lock().pod_tiers.get(&pod) {
-                for (o, v) in out.iter_mut().zip(c) {
+            if let Some(p) = s.lock().pods.get(&pod) {
+                for (o, v) in out.iter_mut().zip(&p.tiers) {
                     *o += v;
                 }
             }
