@@ -58,3 +58,33 @@ def test_plot_is_written(tmp_path_factory: pytest.TempPathFactory, report: dict[
 def test_bad_flags_fail_cleanly(tmp_path: Path) -> None:
     assert main(["--routers", "nope", "--quiet"]) != 0
     assert main(["--workload", "trace", "--trace", str(tmp_path / "missing.jsonl"), "--quiet"]) != 0
+
+
+def test_chat_sessions_stick_and_hit_with_kvindex(tmp_path: Path) -> None:
+    out = tmp_path / "chat.json"
+    argv = ["--workload", "chat", "--duration", "20", "--rate", "0.6", "--turns", "4",
+            "--think-time", "3", "--system-tokens", "128", "--question-tokens", "32",
+            "--output-tokens", "32", "--pod-capacity", "256", "--seed", "3", "--quiet",
+            "--routers", "round-robin,kvindex-direct,oracle", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(out.read_text())["routers"]
+    assert r["round-robin"]["follow_ups"] > 0
+    assert r["kvindex-direct"]["stickiness"] > r["round-robin"]["stickiness"]
+    assert r["kvindex-direct"]["hit_rate"] > r["round-robin"]["hit_rate"]
+    assert r["kvindex-direct"]["index_accuracy"]["accuracy"] >= 0.99
+
+
+def test_mooncake_trace_replays_through_kvindex(tmp_path: Path) -> None:
+    from tests.conftest import MOONCAKE_TRACE
+
+    out = tmp_path / "trace.json"
+    argv = ["--workload", "trace", "--trace", str(MOONCAKE_TRACE), "--max-requests", "40",
+            "--duration", "1000", "--pod-capacity", "16384", "--seed", "1", "--quiet",
+            "--routers", "round-robin,kvindex-direct", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert rep["workload"]["requests"] == 40
+    r = rep["routers"]
+    assert r["kvindex-direct"]["completed"] + r["kvindex-direct"]["rejected"] == 40
+    assert r["kvindex-direct"]["hit_rate"] >= r["round-robin"]["hit_rate"]
+    assert r["kvindex-direct"]["index_accuracy"]["accuracy"] >= 0.99
