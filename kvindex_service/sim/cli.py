@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         service=service,
         picker_load_weight=args.picker_load_weight,
     )
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     show = not args.quiet and sys.stderr.isatty()
     with tqdm(total=len(requests) * len(routers), disable=not show, file=sys.stderr,

@@ -198,8 +198,8 @@ def _serve(
     records: dict[int, RequestRecord] = {}
     heap: list[tuple[float, int, int, Any]] = []
     order = 0
-    for req in requests:
-        heap.append((req.arrival, order, _ARRIVAL, req))
+    for r in requests:
+        heap.append((r.arrival, order, _ARRIVAL, r))
         order += 1
     heapq.heapify(heap)
 
@@ -251,9 +251,9 @@ def _serve(
             if on_request is not None:
                 on_request()
         else:
-            i, req, alloc = item
+            i, done, alloc = item
             assert isinstance(alloc, Allocation)
-            fleet.servers[i].pod.finish(alloc, req.token_ids + req.output_ids, now)
+            fleet.servers[i].pod.finish(alloc, done.token_ids + done.output_ids, now)
             fleet.servers[i].running -= 1
             try_admit(i, now)
     return [records[r.rid] for r in requests]

@@ -37,7 +37,7 @@ class _SubscriberLike(Protocol):
     ) -> Any: ...
     def start(self) -> Any: ...
     def stop(self) -> Any: ...
-    def sync(self, timeout: float | None = None) -> Any: ...
+    def sync(self, timeout: float = ...) -> Any: ...
 
 
 class _FallbackSubscriber:
@@ -86,7 +86,7 @@ class _FallbackSubscriber:
         finally:
             sock.close()
 
-    def sync(self, timeout: float | None = None) -> bool:
+    def sync(self, timeout: float = 5.0) -> bool:
         return self._indexer.flush(timeout)
 
     def stop(self) -> None:
@@ -101,7 +101,8 @@ def _make_subscriber(indexer: Indexer, ctx: zmq.Context[Any]) -> tuple[_Subscrib
     except ImportError:
         log.warning("kvindex_service.events not available; using the simulator's own SUB loop")
         return _FallbackSubscriber(indexer, ctx), "sim-fallback"
-    return Subscriber(indexer), "kvindex_service.events.Subscriber"
+    sub: _SubscriberLike = Subscriber(indexer)
+    return sub, "kvindex_service.events.Subscriber"
 
 
 @dataclass
