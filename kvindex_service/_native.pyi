@@ -144,9 +144,12 @@ class Indexer:
         shards: int = 0,
         queue_capacity: int = 1024,
         tier_weights: Mapping[str, float] | None = None,
+        key_memo: int = 262_144,
     ) -> Self:
         """shards=0 means one per CPU core. tier_weights default {"GPU": 1.0, "CPU": 0.8};
-        a tier not named weighs like CPU."""
+        a tier not named weighs like CPU. key_memo: blocks whose SHA-256 chain value the read
+        path remembers (keyed by a 128-bit xxh3 chain over the same input), so a prefix scored
+        before costs no SHA-256 again; 0 turns it off (unused with "xxh3")."""
     @property
     def block_size(self) -> int: ...
     @property

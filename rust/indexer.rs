@@ -18,6 +18,7 @@ use smallvec::SmallVec;
 use crate::error::{Error, Result};
 use crate::events::{decode_batch, BlockRemoved, BlockStored, EngineHash, Event};
 use crate::hashing::{cbor, Algorithm, BlockKey, Chain, Extras, TokenProcessor};
+use crate::memo::KeyMemo;
 use crate::index::{BlockIndex, IndexStats, ModelId, PodId, Tier, MAX_PODS, MAX_TIERS, TIER_GPU};
 use crate::scoring::{score_keys, ScoreResult};
 
@@ -36,6 +37,8 @@ pub struct IndexerConfig {
     pub default_weight: f64,
     /// Engine-hash -> key entries kept per pod at most.
     pub max_bridge_per_pod: usize,
+    /// Blocks the read path's key memo remembers (SHA-256 algorithms only; 0 = off).
+    pub key_memo_blocks: usize,
 }
 
 impl Default for IndexerConfig {
@@ -51,6 +54,7 @@ impl Default for IndexerConfig {
             tier_weights: vec![("GPU".into(), 1.0), ("CPU".into(), 0.8)],
             default_weight: 0.8,
             max_bridge_per_pod: 4_000_000,
+            key_memo_blocks: 1 << 18,
         }
     }
 }
@@ -219,6 +223,7 @@ pub struct FullStats {
 struct Inner {
     cfg: IndexerConfig,
     tp: TokenProcessor,
+    memo: Option<KeyMemo>,
     index: BlockIndex,
     pods: RwLock<(Names, Vec<Arc<PodInfo>>)>,
     models: RwLock<Names>,
@@ -272,8 +277,13 @@ impl Indexer {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let nshards = if cfg.shards == 0 { cores } else { cfg.shards.min(256) };
         let index = BlockIndex::new(cfg.max_keys, cfg.max_pods_per_key, (cores * 32).max(64), cfg.algorithm.chains_on_digest());
+        let memo = match cfg.algorithm {
+            Algorithm::Xxh3 => None, // hashing is already as cheap as a memo lookup
+            _ => KeyMemo::new(cfg.key_memo_blocks),
+        };
         let inner = Arc::new(Inner {
             tp,
+            memo,
             index,
             pods: RwLock::new((Names::default(), Vec::new())),
             models: RwLock::new(Names::default()),
@@ -437,8 +447,12 @@ impl Indexer {
             return (self.empty_result(filter.as_deref()), total);
         };
         let weights = *self.inner.weights.read();
-        let keys = self.inner.tp.chain_iter(tokens, None, extras, 0).map(|c| c.key());
-        (score_keys(&self.inner.index, m, keys, filter.as_deref(), &weights), total)
+        let (index, tp, f) = (&self.inner.index, &self.inner.tp, filter.as_deref());
+        let res = match &self.inner.memo {
+            Some(memo) => score_keys(index, m, memo.chain_iter(tp, tokens, extras).map(|c| c.key()), f, &weights),
+            None => score_keys(index, m, tp.chain_iter(tokens, None, extras, 0).map(|c| c.key()), f, &weights),
+        };
+        (res, total)
     }
 
     pub fn score_keys(&self, model: &str, keys: &[BlockKey], pods: Option<&[&str]>) -> ScoreResult {

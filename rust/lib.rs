@@ -9,6 +9,7 @@ pub mod events;
 pub mod hashing;
 pub mod index;
 pub mod indexer;
+pub mod memo;
 pub mod msgpack;
 pub mod scoring;
 

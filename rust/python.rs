@@ -414,7 +414,8 @@ fn positive(name: &str, v: i64) -> PyResult<usize> {
 impl PyIndexer {
     #[new]
     #[pyo3(signature = (*, block_size = 16, hash_seed = None, algorithm = "sha256_cbor", max_keys = 10_000_000,
-                        max_pods_per_key = 64, shards = 0, queue_capacity = 1024, tier_weights = None))]
+                        max_pods_per_key = 64, shards = 0, queue_capacity = 1024, tier_weights = None,
+                        key_memo = 262_144))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         block_size: i64,
@@ -425,6 +426,7 @@ impl PyIndexer {
         shards: i64,
         queue_capacity: i64,
         tier_weights: Option<&Bound<'_, PyAny>>,
+        key_memo: i64,
     ) -> PyResult<Self> {
         let (tier_weights, default_weight) = weights_from(tier_weights)?;
         let cfg = IndexerConfig {
@@ -437,6 +439,7 @@ impl PyIndexer {
             queue_capacity: positive("queue_capacity", queue_capacity)?,
             tier_weights,
             default_weight,
+            key_memo_blocks: usize::try_from(key_memo).map_err(|_| invalid("key_memo must be >= 0".into()))?,
             ..Default::default()
         };
         Ok(PyIndexer { ix: Arc::new(Indexer::new(cfg)?) })

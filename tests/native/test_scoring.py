@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -209,3 +211,28 @@ def test_ties_broken_by_pod_name() -> None:
     named = ix.score_keys("model", [1], pods=["z:1", "y:1", "b:1", "a:1"])
     assert [s.pod for s in named.scores] == ["a:1", "b:1", "y:1", "z:1"]
     ix.close()
+
+
+def test_key_memo_gives_the_same_keys_warm_and_cold() -> None:
+    """The read path's key memo (on by default for SHA-256 algorithms) never changes a key:
+    repeated, extended and diverging prompts score exactly as with the memo off."""
+    rng = random.Random(5)
+    base = [rng.randrange(128_000) for _ in range(16 * 40)]
+    prompts = [base, base + [1] * 37, base[: 16 * 12] + [rng.randrange(128_000) for _ in range(300)], base]
+    for algorithm in ("sha256_cbor", "sha256_cbor_64bit"):
+        warm = Indexer(block_size=16, algorithm=algorithm, key_memo=64)
+        cold = Indexer(block_size=16, algorithm=algorithm, key_memo=0)
+        for ix in (warm, cold):
+            ix.add_blocks("a:1", "m", cold.block_keys(base)[:25])
+            ix.add_blocks("b:1", "m", cold.block_keys(prompts[2])[:20])
+        for _ in range(2):
+            for p in prompts:
+                for lora in (None, "l"):
+                    got = warm.score("m", p, lora_name=lora, pods=["a:1", "b:1"])
+                    want = cold.score("m", p, lora_name=lora, pods=["a:1", "b:1"])
+                    assert [(s.pod, s.matched_blocks) for s in got.scores] == [
+                        (s.pod, s.matched_blocks) for s in want.scores
+                    ]
+        assert warm.score("m", base).scores[0].matched_blocks == 25
+        warm.close()
+        cold.close()
