@@ -46,6 +46,8 @@ pub struct Batch {
     /// One entry per event in the batch, in order; a bad event is an `Err`.
     pub events: Vec<Result<Event>>,
     pub dp_rank: Option<i64>,
+    /// Bytes followed the envelope (the events were still read; the batch is counted).
+    pub trailing_bytes: bool,
 }
 
 /// Decode a whole batch. Fails only when the envelope itself is unreadable.
@@ -71,7 +73,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch> {
                 r.set_pos(start);
                 if r.skip().is_err() {
                     events.push(Err(e));
-                    return Ok(Batch { ts, events, dp_rank: None });
+                    return Ok(Batch { ts, events, dp_rank: None, trailing_bytes: false });
                 }
                 events.push(Err(e));
             }
@@ -83,7 +85,10 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch> {
             dp_rank = i64::try_from(i).ok();
         }
     }
-    Ok(Batch { ts, events, dp_rank })
+    // envelope elements a future version may add, then nothing may follow
+    let extra_ok = (3..n).all(|_| r.skip().is_ok());
+    let trailing_bytes = !extra_ok || !r.at_end();
+    Ok(Batch { ts, events, dp_rank, trailing_bytes })
 }
 
 fn hash_value(v: Value<'_>) -> Result<EngineHash> {
@@ -377,6 +382,10 @@ mod tests {
         assert_eq!(batch.events[1].as_ref().unwrap(), &Event::Unknown("Future".into()));
         assert_eq!(batch.events[2].as_ref().unwrap(), &Event::AllBlocksCleared);
         assert_eq!(batch.dp_rank, None);
+        assert!(!batch.trailing_bytes);
+        let mut more = b.clone();
+        more.push(0x00);
+        assert!(decode_batch(&more).unwrap().trailing_bytes);
     }
 
     #[test]

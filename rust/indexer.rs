@@ -71,6 +71,7 @@ macro_rules! counters {
 counters!(
     batches_applied,
     batch_decode_errors,
+    batches_with_trailing_bytes,
     events_block_stored,
     events_block_removed,
     events_all_blocks_cleared,
@@ -679,6 +680,9 @@ impl Inner {
             }
         };
         self.note_model(pod, model);
+        if batch.trailing_bytes {
+            self.counters.add(C::batches_with_trailing_bytes, 1);
+        }
         res.dp_rank = batch.dp_rank;
         if let Some(r) = batch.dp_rank {
             info.dp_rank.store(r, Relaxed);
