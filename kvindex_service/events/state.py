@@ -8,6 +8,8 @@ into a plain JSON-ready dict.
 
 from __future__ import annotations
 
+from copy import copy
+
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,6 +48,36 @@ class PodTrack:
     """Live batches (with their receive index) held in order while ``job`` fills a gap."""
 
 
+# (record key, value when the core has not seen the pod)
+_NATIVE_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("models", []),
+    ("blocks_by_tier", {}),
+    ("last_seq", None),
+    ("last_event_ts", None),
+    ("dp_rank", None),
+    ("batches_applied", 0),
+    ("events_applied", 0),
+    ("decode_errors", 0),
+    ("unknown_event_types", 0),
+    ("unknown_parents", 0),
+    ("hash_matches", 0),
+    ("hash_mismatches", 0),
+    ("hashes_match", None),
+    ("bridge_entries", 0),
+)
+# (record key, PodTrack attribute), 0 before the first message
+_TRACK_FIELDS: tuple[tuple[str, str], ...] = (
+    ("messages_received", "messages"),
+    ("gaps", "gaps"),
+    ("replays", "replays"),
+    ("replayed_batches", "replayed_batches"),
+    ("unrecoverable_gaps", "unrecoverable_gaps"),
+    ("replay_timeouts", "replay_timeouts"),
+    ("resets", "resets"),
+    ("malformed_messages", "malformed"),
+)
+
+
 def merge_pod_state(
     track: PodTrack | None,
     native: PodState | None,
@@ -64,33 +96,15 @@ def merge_pod_state(
         "endpoint": endpoint,
         "replay_endpoint": replay_endpoint,
         "subscribed": subscribed,
-        "models": list(native.models) if native else [],
-        "blocks_by_tier": dict(native.blocks_by_tier) if native else {},
-        "last_seq": native.last_seq if native else None,
-        "last_event_ts": native.last_event_ts if native else None,
-        "dp_rank": native.dp_rank if native else None,
-        "batches_applied": native.batches_applied if native else 0,
-        "events_applied": native.events_applied if native else 0,
-        "decode_errors": native.decode_errors if native else 0,
-        "unknown_event_types": native.unknown_event_types if native else 0,
-        "unknown_parents": native.unknown_parents if native else 0,
-        "hash_matches": native.hash_matches if native else 0,
-        "hash_mismatches": native.hash_mismatches if native else 0,
-        "hashes_match": native.hashes_match if native else None,
-        "bridge_entries": native.bridge_entries if native else 0,
+        # the core's getters return fresh lists/dicts; the defaults are copied so records
+        # never share one mutable object
+        **{name: getattr(native, name) if native else copy(zero) for name, zero in _NATIVE_FIELDS},
     }
     job = track.job if track else None
     out.update(
         {
+            **{key: (getattr(track, attr) if track else 0) for key, attr in _TRACK_FIELDS},
             "last_seq_received": track.last_seq if track else None,
-            "messages_received": track.messages if track else 0,
-            "gaps": track.gaps if track else 0,
-            "replays": track.replays if track else 0,
-            "replayed_batches": track.replayed_batches if track else 0,
-            "unrecoverable_gaps": track.unrecoverable_gaps if track else 0,
-            "replay_timeouts": track.replay_timeouts if track else 0,
-            "resets": track.resets if track else 0,
-            "malformed_messages": track.malformed if track else 0,
             "replay_in_progress": job is not None,
             "pending_messages": len(track.pending) if track else 0,
         }
