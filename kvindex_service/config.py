@@ -96,6 +96,9 @@ class IndexSettings(_Section):
     shards: int = Field(default=0, ge=0, description="0 = one per CPU core")
     queue_capacity: int = Field(default=1024, ge=1)
     tier_weights: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8})
+    key_memo: int = Field(
+        default=262_144, ge=0, description="blocks the read path remembers to skip SHA-256 (0 = off)"
+    )
 
     @field_validator("hash_seed", mode="before")
     @classmethod

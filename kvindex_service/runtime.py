@@ -86,6 +86,7 @@ class Runtime:
             shards=ix.shards,
             queue_capacity=ix.queue_capacity,
             tier_weights=ix.tier_weights,
+            key_memo=ix.key_memo,
         )
         tk = s.tokenizers
         self.tokenizers = TokenizerPool(
