@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

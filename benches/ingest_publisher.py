@@ -62,8 +62,7 @@ def make_batches(
     """``n_batches`` encoded payloads and the number of blocks they store in total."""
     rng = random.Random(seed)
     tp = TokenProcessor(BLOCK, hash_seed, algorithm)
-    families = [[rng.randrange(128_000) for _ in range(4 * BLOCK * BLOCKS_PER_EVENT)]
-                for _ in range(8)]
+    families = [[rng.randrange(128_000) for _ in range(4 * BLOCK * BLOCKS_PER_EVENT)] for _ in range(8)]
     recent: list[int] = []
     payloads: list[bytes] = []
     stored = 0
@@ -76,26 +75,24 @@ def make_batches(
             if prompt is None or done_events * BLOCKS_PER_EVENT >= len(prompt[1]):
                 family = rng.choice(families)
                 shared = rng.randrange(1, 4) * BLOCKS_PER_EVENT * BLOCK
-                tail = [rng.randrange(128_000)
-                        for _ in range(rng.randrange(2, 6) * BLOCKS_PER_EVENT * BLOCK)]
+                tail = [rng.randrange(128_000) for _ in range(rng.randrange(2, 6) * BLOCKS_PER_EVENT * BLOCK)]
                 tokens = family[:shared] + tail
                 prompt = (tokens, tp.block_keys(tokens))
                 done_events = 0
             tokens, keys = prompt
             lo = done_events * BLOCKS_PER_EVENT
-            hashes = keys[lo:lo + BLOCKS_PER_EVENT]
+            hashes = keys[lo : lo + BLOCKS_PER_EVENT]
             parent = keys[lo - 1] if lo else None
-            events.append(_stored(hashes, parent, tokens[lo * BLOCK:(lo + len(hashes)) * BLOCK]))
+            events.append(_stored(hashes, parent, tokens[lo * BLOCK : (lo + len(hashes)) * BLOCK]))
             recent.extend(hashes)
             stored += len(hashes)
             done_events += 1
         if remove_every and b % remove_every == remove_every - 1 and len(recent) > 4096:
             # Evict old blocks, never one the prompt in progress still chains on.
             live = set(prompt[1]) if prompt else set()
-            evict = [h for h in recent[:4 * BLOCKS_PER_EVENT] if h not in live][:BLOCKS_PER_EVENT]
-            del recent[:4 * BLOCKS_PER_EVENT]
-            events.append({"type": "BlockRemoved", "block_hashes": evict, "medium": "GPU",
-                           "group_idx": 0})
+            evict = [h for h in recent[: 4 * BLOCKS_PER_EVENT] if h not in live][:BLOCKS_PER_EVENT]
+            del recent[: 4 * BLOCKS_PER_EVENT]
+            events.append({"type": "BlockRemoved", "block_hashes": evict, "medium": "GPU", "group_idx": 0})
         del recent[:-65536]
         payloads.append(msgpack.packb([time.time(), events, 0]))
     return payloads, stored
@@ -114,11 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     # One stream per pod: a pod's prompts chain within its own batches, as on a real pod.
-    pools = [make_batches(max(1, args.pool // args.pods), events_per_batch=args.events_per_batch,
-                          algorithm=args.algorithm, hash_seed=args.hash_seed, seed=pod)[0]
-             for pod in range(args.pods)]
-    stored = [[sum(len(e["block_hashes"]) for e in msgpack.unpackb(p)[1]
-                   if e["type"] == "BlockStored") for p in pool] for pool in pools]
+    pools = [
+        make_batches(
+            max(1, args.pool // args.pods),
+            events_per_batch=args.events_per_batch,
+            algorithm=args.algorithm,
+            hash_seed=args.hash_seed,
+            seed=pod,
+        )[0]
+        for pod in range(args.pods)
+    ]
+    stored = [
+        [sum(len(e["block_hashes"]) for e in msgpack.unpackb(p)[1] if e["type"] == "BlockStored") for p in pool]
+        for pool in pools
+    ]
     topics = [f"kv@10.1.0.{i}:8000@{MODEL}".encode() for i in range(args.pods)]
     seqs = [0] * args.pods
 

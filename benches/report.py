@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def main() -> int:
     lines = [
         "# kvindex benchmark report",
         "",
-        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on {platform.machine()}, "
+        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} on {platform.machine()}, "
         f"Python {platform.python_version()}, {len(__import__('os').sched_getaffinity(0))} cores. "
         "Medians; the machine is shared, so compare ratios rather than absolute values.",
         "",
@@ -56,7 +56,13 @@ def main() -> int:
         if src.name == "pytest-benchmark.json":
             continue
         data = json.loads(src.read_text())
-        lines += ["", f"## {src.stem} (`benches/`, pytest-benchmark and load runs)", "", "| metric | value |", "|---|---|"]
+        lines += [
+            "",
+            f"## {src.stem} (`benches/`, pytest-benchmark and load runs)",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         for k, v in sorted(data.items()):
             if isinstance(v, (int, float, str)):
                 lines.append(f"| {k} | {_fmt(v)} |")

@@ -87,7 +87,9 @@ class Service:
 
 def _fill(service: Service, rng: random.Random) -> list[list[int]]:
     """Publish every pod's stored prompts; returns the stored chains (token ids)."""
-    systems = [[128000] + [rng.randrange(1000, 120_000) for _ in range(SYSTEM_TOKENS - 1)] for _ in range(SYSTEM_PROMPTS)]
+    systems = [
+        [128000] + [rng.randrange(1000, 120_000) for _ in range(SYSTEM_TOKENS - 1)] for _ in range(SYSTEM_PROMPTS)
+    ]
     chains: list[list[int]] = []
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:

@@ -96,7 +96,9 @@ def stack() -> Iterator[dict[str, Any]]:
     while not runtime.ready():
         time.sleep(0.02)
     _store(runtime.indexer, runtime.tokenizers)
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime=runtime), host="127.0.0.1", port=0, log_level="warning", ws="none"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(runtime=runtime), host="127.0.0.1", port=0, log_level="warning", ws="none")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -37,10 +37,8 @@ _batches: dict[str, tuple[list[tuple[str, int, bytes]], int]] = {}
 def _pool(algorithm: str) -> tuple[list[tuple[str, int, bytes]], int]:
     """(pod, seq, payload) for POOL batches, one chained stream per pod, interleaved."""
     if algorithm not in _batches:
-        streams = [make_batches(POOL // len(PODS), algorithm=algorithm, seed=i)
-                   for i in range(len(PODS))]
-        batches = [(PODS[p], seq, streams[p][0][seq])
-                   for seq in range(POOL // len(PODS)) for p in range(len(PODS))]
+        streams = [make_batches(POOL // len(PODS), algorithm=algorithm, seed=i) for i in range(len(PODS))]
+        batches = [(PODS[p], seq, streams[p][0][seq]) for seq in range(POOL // len(PODS)) for p in range(len(PODS))]
         _batches[algorithm] = (batches, sum(blocks for _, blocks in streams))
     return _batches[algorithm]
 
@@ -50,8 +48,10 @@ def _report(name: str, rates: list[float], extra: dict[str, Any] | None = None) 
     data = {f"{name}/blocks_per_s": median, f"{name}/rounds": [round(r) for r in rates]}
     data.update({f"{name}/{k}": v for k, v in (extra or {}).items()})
     write_result("ingest", data)
-    print(f"\n{name}: median {median / 1e6:.2f} M blocks/s over {len(rates)} rounds "
-          f"({', '.join(f'{r / 1e6:.2f}' for r in rates)}) {extra or ''}")
+    print(
+        f"\n{name}: median {median / 1e6:.2f} M blocks/s over {len(rates)} rounds "
+        f"({', '.join(f'{r / 1e6:.2f}' for r in rates)}) {extra or ''}"
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["sha256_cbor", "xxh3"])
@@ -111,9 +111,20 @@ def test_end_to_end(benchmark: Any, algorithm: str) -> None:
         try:
             assert sub.bound_endpoint is not None
             proc = subprocess.Popen(
-                [sys.executable, str(PUBLISHER), "--connect", sub.bound_endpoint,
-                 "--duration", str(E2E_SECONDS), "--pool", str(POOL), "--algorithm", algorithm],
-                stdout=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    str(PUBLISHER),
+                    "--connect",
+                    sub.bound_endpoint,
+                    "--duration",
+                    str(E2E_SECONDS),
+                    "--pool",
+                    str(POOL),
+                    "--algorithm",
+                    algorithm,
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
             )
             deadline = time.monotonic() + 60
             while sub.stats()["messages_received"] == 0:
@@ -133,9 +144,12 @@ def test_end_to_end(benchmark: Any, algorithm: str) -> None:
             applied = ix.counters()["blocks_stored"] - c0
             rates.append(applied / elapsed)
             stats = sub.stats()
-            info.update(batches=sent["batches"], publisher_blocks_per_s=round(
-                sent["blocks"] / sent["seconds"]), gaps=stats["gaps"],
-                pushbacks=stats["pushbacks"])
+            info.update(
+                batches=sent["batches"],
+                publisher_blocks_per_s=round(sent["blocks"] / sent["seconds"]),
+                gaps=stats["gaps"],
+                pushbacks=stats["pushbacks"],
+            )
         finally:
             if proc is not None and proc.poll() is None:
                 proc.kill()

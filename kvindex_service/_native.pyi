@@ -8,18 +8,18 @@ from collections.abc import Mapping, Sequence
 from typing import Self, final
 
 __all__ = [
-    "__version__",
     "ALGORITHMS",
-    "KvIndexError",
-    "InvalidInputError",
-    "ClosedError",
-    "TokenProcessor",
-    "Indexer",
-    "ScoreResult",
-    "PodScore",
     "ApplyResult",
-    "PodState",
+    "ClosedError",
     "IndexStats",
+    "Indexer",
+    "InvalidInputError",
+    "KvIndexError",
+    "PodScore",
+    "PodState",
+    "ScoreResult",
+    "TokenProcessor",
+    "__version__",
 ]
 
 __version__: str
@@ -40,9 +40,7 @@ class ClosedError(KvIndexError, RuntimeError):
 class TokenProcessor:
     """Token ids -> chained 64-bit block keys (full blocks only)."""
 
-    def __new__(
-        cls, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor"
-    ) -> Self: ...
+    def __new__(cls, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor") -> Self: ...
     @property
     def block_size(self) -> int: ...
     @property
@@ -188,9 +186,7 @@ class Indexer:
         cache_salt: str | None = None,
         pods: Sequence[str] | None = None,
     ) -> ScoreResult: ...
-    def score_keys(
-        self, model: str, keys: Sequence[int], *, pods: Sequence[str] | None = None
-    ) -> ScoreResult:
+    def score_keys(self, model: str, keys: Sequence[int], *, pods: Sequence[str] | None = None) -> ScoreResult:
         """Score precomputed block keys (each block counts block_size tokens)."""
     def lookup(
         self, model: str, keys: Sequence[int], *, pods: Sequence[str] | None = None

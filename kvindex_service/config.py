@@ -96,9 +96,7 @@ class IndexSettings(_Section):
     shards: int = Field(default=0, ge=0, description="0 = one per CPU core")
     queue_capacity: int = Field(default=1024, ge=1)
     tier_weights: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8})
-    key_memo: int = Field(
-        default=262_144, ge=0, description="blocks the read path remembers to skip SHA-256 (0 = off)"
-    )
+    key_memo: int = Field(default=262_144, ge=0, description="blocks the read path remembers to skip SHA-256 (0 = off)")
 
     @field_validator("hash_seed", mode="before")
     @classmethod
@@ -120,7 +118,8 @@ class TokenizerSettings(_Section):
     chunk_chars: int = Field(default=256, ge=1)
     max_workers: int = Field(default=4, ge=1)
     hf_cache: str | None = None
-    llama32_defaults: bool = Field(default=True, description="serve the Llama 3.2 model names with the bundled tokenizer"
+    llama32_defaults: bool = Field(
+        default=True, description="serve the Llama 3.2 model names with the bundled tokenizer"
     )
 
     def effective_sources(self) -> dict[str, str]:

@@ -105,8 +105,13 @@ _NAMED_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 _SUBSCRIBER_GAUGES = {"replays_in_progress", "pods", "endpoints", "connected_pods", "running"}
 _TOKENIZER_GAUGES = {
-    "prefix_store_chars", "prefix_store_tokens", "prefix_store_capacity_chars", "cached_entries",
-    "background_pending", "models_loaded", "tokenizers_loaded",
+    "prefix_store_chars",
+    "prefix_store_tokens",
+    "prefix_store_capacity_chars",
+    "cached_entries",
+    "background_pending",
+    "models_loaded",
+    "tokenizers_loaded",
 }
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -171,7 +176,9 @@ class RuntimeCollector(Collector):
         stats = indexer.stats()
         yield GaugeMetricFamily("kvindex_index_keys", "Block keys in the index", value=stats.keys)
         yield GaugeMetricFamily("kvindex_index_entries", "(key, pod, tier) entries in the index", value=stats.entries)
-        yield GaugeMetricFamily("kvindex_index_memory_bytes", "Approximate bytes used by the index", value=stats.bytes_used)
+        yield GaugeMetricFamily(
+            "kvindex_index_memory_bytes", "Approximate bytes used by the index", value=stats.bytes_used
+        )
         yield GaugeMetricFamily("kvindex_index_pods", "Pods known to the index", value=stats.pods)
         yield GaugeMetricFamily("kvindex_index_models", "Models known to the index", value=stats.models)
         yield GaugeMetricFamily("kvindex_index_max_keys", "Configured key capacity", value=stats.max_keys)
@@ -187,11 +194,13 @@ class RuntimeCollector(Collector):
         blocks = GaugeMetricFamily("kvindex_pod_blocks", "Blocks held per pod and tier", labels=("pod", "tier"))
         batches = CounterMetricFamily("kvindex_pod_batches_applied", "Batches applied per pod", labels=("pod",))
         mismatches = CounterMetricFamily(
-            "kvindex_pod_hash_mismatches", "Stored blocks whose engine hash differed from kvindex's key",
+            "kvindex_pod_hash_mismatches",
+            "Stored blocks whose engine hash differed from kvindex's key",
             labels=("pod",),
         )
         last_ts = GaugeMetricFamily(
-            "kvindex_pod_last_event_timestamp_seconds", "vLLM timestamp of the last applied batch",
+            "kvindex_pod_last_event_timestamp_seconds",
+            "vLLM timestamp of the last applied batch",
             labels=("pod",),
         )
         for state in indexer.pod_states():
@@ -233,7 +242,8 @@ class RuntimeCollector(Collector):
             if name == "prefix_store_hit_ratio":
                 yield GaugeMetricFamily(
                     "kvindex_tokenization_prefix_store_hit_ratio",
-                    "Share of prefix-store look-ups that reused cached tokens", value=num,
+                    "Share of prefix-store look-ups that reused cached tokens",
+                    value=num,
                 )
             elif name in _TOKENIZER_GAUGES:
                 yield GaugeMetricFamily(f"kvindex_tokenization_{name}", f"Tokenizer pool {key}", value=num)

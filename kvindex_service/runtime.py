@@ -113,9 +113,7 @@ class Runtime:
             replay_backoff=z.replay_backoff,
         )
         self.subscriber.start()
-        self.scoring = ScoringService(
-            self.indexer, self.tokenizers, block_size=ix.block_size, metrics=self.metrics
-        )
+        self.scoring = ScoringService(self.indexer, self.tokenizers, block_size=ix.block_size, metrics=self.metrics)
         logger.info(
             "runtime started",
             extra={

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
@@ -38,8 +38,8 @@ __all__ = [
     "PodScoreOut",
     "ScoreRequest",
     "ScoreResponse",
-    "ScoringService",
     "Scored",
+    "ScoringService",
 ]
 
 #: Token lists up to this length are scored on the event loop thread (a few µs; hashing
@@ -67,7 +67,8 @@ class ScoreRequest(BaseModel):
 
     model: str = Field(min_length=1, description="model name, as in the pods' KV-event topics")
     token_ids: list[TokenId] | None = Field(default=None, description="prompt token ids")
-    prompt: str | list[str] | None = Field(default=None, description="completion prompt; for a list, the first prompt is scored"
+    prompt: str | list[str] | None = Field(
+        default=None, description="completion prompt; for a list, the first prompt is scored"
     )
     messages: list[ChatMessage] | None = Field(default=None, description="chat messages")
     add_generation_prompt: bool = True
@@ -90,9 +91,7 @@ class ScoreRequest(BaseModel):
         given = [n for n in ("token_ids", "prompt", "messages") if getattr(self, n) is not None]
         if len(given) != 1:
             found = ", ".join(given) if given else "none"
-            raise ValueError(
-                f"exactly one of token_ids, prompt, messages is required (got: {found})"
-            )
+            raise ValueError(f"exactly one of token_ids, prompt, messages is required (got: {found})")
         return self
 
     @property
@@ -177,9 +176,7 @@ class ScoringService:
         t0 = time.perf_counter()
         if req.prompt is not None:
             kind = "text"
-            tok = await pool.atokenize(
-                req.model, req.prompt_text(), add_special_tokens=req.add_special_tokens
-            )
+            tok = await pool.atokenize(req.model, req.prompt_text(), add_special_tokens=req.add_special_tokens)
         else:
             kind = "chat"
             tok = await pool.atokenize_chat(req.model, req.message_dicts(), **_render_kwargs(req))
@@ -216,9 +213,7 @@ class ScoringService:
     ) -> ScoreResult:
         """Score token ids now, on this thread (the core releases the GIL)."""
         t0 = time.perf_counter()
-        result = self.indexer.score(
-            model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pods
-        )
+        result = self.indexer.score(model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pods)
         if self._score_hist is not None:
             self._score_hist.labels(input_kind).observe(time.perf_counter() - t0)
         return result

@@ -148,9 +148,9 @@ fn opt_int(r: &mut Reader<'_>) -> Result<Option<i64>> {
 fn opt_str(r: &mut Reader<'_>) -> Result<Option<String>> {
     match r.value()? {
         Value::Nil => Ok(None),
-        Value::Str(s) => std::str::from_utf8(s)
-            .map(|s| Some(s.to_owned()))
-            .map_err(|_| Error::decode("string is not UTF-8")),
+        Value::Str(s) => {
+            std::str::from_utf8(s).map(|s| Some(s.to_owned())).map_err(|_| Error::decode("string is not UTF-8"))
+        }
         other => Err(Error::decode(format!("expected a string, found {}", kind(&other)))),
     }
 }

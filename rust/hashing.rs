@@ -88,7 +88,10 @@ pub enum Extras<'a> {
     None,
     /// A request's extras: `rest` for every block, `first` for block 0 (which also carries
     /// the cache salt). `None` means CBOR null.
-    Request { first: Option<Vec<u8>>, rest: Option<Vec<u8>> },
+    Request {
+        first: Option<Vec<u8>>,
+        rest: Option<Vec<u8>>,
+    },
     /// Explicit extras for each block (from a `BlockStored` event's `extra_keys`).
     PerBlock(&'a [Option<Vec<u8>>]),
 }

@@ -379,10 +379,7 @@ impl BlockIndex {
     pub fn holds(&self, model: ModelId, pod: PodId, key: BlockKey) -> bool {
         let ik = model_key(model, key);
         let s = self.shard(ik).lock();
-        s.map
-            .get(&ik)
-            .map(|&i| s.nodes[i as usize].entries.iter().any(|&e| entry_pod(e) == pod))
-            .unwrap_or(false)
+        s.map.get(&ik).map(|&i| s.nodes[i as usize].entries.iter().any(|&e| entry_pod(e) == pod)).unwrap_or(false)
     }
 
     /// First 24 digest bytes of `key`, when the index holds the key and its digest.

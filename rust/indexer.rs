@@ -18,8 +18,8 @@ use smallvec::SmallVec;
 use crate::error::{Error, Result};
 use crate::events::{decode_batch, BlockRemoved, BlockStored, EngineHash, Event};
 use crate::hashing::{cbor, Algorithm, BlockKey, Chain, Extras, TokenProcessor};
-use crate::memo::KeyMemo;
 use crate::index::{BlockIndex, IndexStats, ModelId, PodId, Tier, MAX_PODS, MAX_TIERS, TIER_GPU};
+use crate::memo::KeyMemo;
 use crate::scoring::{score_keys, ScoreResult};
 
 #[derive(Clone, Debug)]
@@ -277,7 +277,8 @@ impl Indexer {
         }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let nshards = if cfg.shards == 0 { cores } else { cfg.shards.min(256) };
-        let index = BlockIndex::new(cfg.max_keys, cfg.max_pods_per_key, (cores * 32).max(64), cfg.algorithm.chains_on_digest());
+        let index =
+            BlockIndex::new(cfg.max_keys, cfg.max_pods_per_key, (cores * 32).max(64), cfg.algorithm.chains_on_digest());
         let memo = match cfg.algorithm {
             Algorithm::Xxh3 => None, // hashing is already as cheap as a memo lookup
             _ => KeyMemo::new(cfg.key_memo_blocks),
@@ -748,7 +749,14 @@ impl Inner {
         }
     }
 
-    fn apply_stored(&self, pod: PodId, model: ModelId, info: &PodInfo, ev: &BlockStored, res: &mut ApplyResult) -> Result<()> {
+    fn apply_stored(
+        &self,
+        pod: PodId,
+        model: ModelId,
+        info: &PodInfo,
+        ev: &BlockStored,
+        res: &mut ApplyResult,
+    ) -> Result<()> {
         let tier = self.medium_tier(&ev.medium)?;
         let n = ev.block_hashes.len();
         let mut bridge = info.bridge.lock();
@@ -856,7 +864,14 @@ impl Inner {
         Ok(())
     }
 
-    fn apply_removed(&self, pod: PodId, model: ModelId, info: &PodInfo, ev: &BlockRemoved, res: &mut ApplyResult) -> Result<()> {
+    fn apply_removed(
+        &self,
+        pod: PodId,
+        model: ModelId,
+        info: &PodInfo,
+        ev: &BlockRemoved,
+        res: &mut ApplyResult,
+    ) -> Result<()> {
         let tier = self.medium_tier(&ev.medium)?;
         let mut bridge = info.bridge.lock();
         for &h in &ev.block_hashes {

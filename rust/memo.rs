@@ -32,9 +32,7 @@ impl KeyMemo {
         }
         let n = 16usize;
         let per_shard = (capacity / 2 / n).max(1);
-        let shards = (0..n)
-            .map(|_| Mutex::new(Generations { cur: HashMap::new(), old: HashMap::new() }))
-            .collect();
+        let shards = (0..n).map(|_| Mutex::new(Generations { cur: HashMap::new(), old: HashMap::new() })).collect();
         Some(KeyMemo { shards, per_shard })
     }
 
@@ -65,10 +63,13 @@ impl KeyMemo {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| {
-            let g = s.lock();
-            g.cur.len() + g.old.len()
-        }).sum()
+        self.shards
+            .iter()
+            .map(|s| {
+                let g = s.lock();
+                g.cur.len() + g.old.len()
+            })
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -70,7 +70,10 @@ impl<'a> Reader<'a> {
     fn container(&mut self, n: u32, per_item: usize) -> Result<u32> {
         // every element needs at least one byte: reject impossible lengths up front
         if (n as usize).saturating_mul(per_item) > self.remaining() {
-            return Err(Error::decode(format!("container of {n} elements exceeds the {} bytes left", self.remaining())));
+            return Err(Error::decode(format!(
+                "container of {n} elements exceeds the {} bytes left",
+                self.remaining()
+            )));
         }
         Ok(n)
     }
@@ -235,7 +238,9 @@ impl<'a> Reader<'a> {
                         continue;
                     }
                 }
-                Value::Map(_) | Value::Ext(..) => return Err(Error::decode("maps and extension types are not valid extra keys")),
+                Value::Map(_) | Value::Ext(..) => {
+                    return Err(Error::decode("maps and extension types are not valid extra keys"))
+                }
             }
             // one element completed: pop finished arrays
             loop {

@@ -13,11 +13,16 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use crate::error::Error;
 use crate::hashing::{Algorithm, Extras, TokenProcessor};
-use crate::indexer::{self, Indexer, IndexerConfig};
 use crate::index::MAX_TIERS;
+use crate::indexer::{self, Indexer, IndexerConfig};
 use crate::scoring;
 
-pyo3::create_exception!(kvindex_service._native, KvIndexError, PyException, "Base class of every error raised by the core.");
+pyo3::create_exception!(
+    kvindex_service._native,
+    KvIndexError,
+    PyException,
+    "Base class of every error raised by the core."
+);
 
 static INVALID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static CLOSED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -389,7 +394,8 @@ impl PyIndexer {
 fn weights_from(obj: Option<&Bound<'_, PyAny>>) -> PyResult<(Vec<(String, f64)>, f64)> {
     let mut w = vec![("GPU".to_string(), 1.0), ("CPU".to_string(), 0.8)];
     if let Some(o) = obj {
-        let d: HashMap<String, f64> = o.extract().map_err(|_| invalid("tier_weights must map tier names to numbers".into()))?;
+        let d: HashMap<String, f64> =
+            o.extract().map_err(|_| invalid("tier_weights must map tier names to numbers".into()))?;
         if d.len() > MAX_TIERS {
             return Err(invalid(format!("tier_weights names {} tiers; at most {MAX_TIERS} are supported", d.len())));
         }
@@ -505,7 +511,14 @@ impl PyIndexer {
     }
 
     #[pyo3(signature = (pod, model, payload, seq = None))]
-    fn apply(&self, py: Python<'_>, pod: &str, model: &str, payload: &[u8], seq: Option<u64>) -> PyResult<PyApplyResult> {
+    fn apply(
+        &self,
+        py: Python<'_>,
+        pod: &str,
+        model: &str,
+        payload: &[u8],
+        seq: Option<u64>,
+    ) -> PyResult<PyApplyResult> {
         let ix = &self.ix;
         let r = py.detach(|| ix.apply(pod, model, seq, payload))?;
         Ok(PyApplyResult {
@@ -528,7 +541,14 @@ impl PyIndexer {
     }
 
     #[pyo3(signature = (pod, model, keys, tier = "GPU"))]
-    fn remove_blocks(&self, py: Python<'_>, pod: &str, model: &str, keys: &Bound<'_, PyAny>, tier: &str) -> PyResult<()> {
+    fn remove_blocks(
+        &self,
+        py: Python<'_>,
+        pod: &str,
+        model: &str,
+        keys: &Bound<'_, PyAny>,
+        tier: &str,
+    ) -> PyResult<()> {
         let keys = extract_keys(keys)?;
         let ix = &self.ix;
         Ok(py.detach(|| ix.remove_blocks(pod, model, &keys, tier))?)
@@ -555,7 +575,13 @@ impl PyIndexer {
     }
 
     #[pyo3(signature = (model, keys, *, pods = None))]
-    fn score_keys(&self, py: Python<'_>, model: &str, keys: &Bound<'_, PyAny>, pods: Option<Vec<String>>) -> PyResult<PyScoreResult> {
+    fn score_keys(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        keys: &Bound<'_, PyAny>,
+        pods: Option<Vec<String>>,
+    ) -> PyResult<PyScoreResult> {
         let keys = extract_keys(keys)?;
         let ix = &self.ix;
         let r = py.detach(|| {
@@ -567,7 +593,13 @@ impl PyIndexer {
     }
 
     #[pyo3(signature = (model, keys, *, pods = None))]
-    fn lookup(&self, py: Python<'_>, model: &str, keys: &Bound<'_, PyAny>, pods: Option<Vec<String>>) -> PyResult<Vec<Vec<(String, String)>>> {
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        keys: &Bound<'_, PyAny>,
+        pods: Option<Vec<String>>,
+    ) -> PyResult<Vec<Vec<(String, String)>>> {
         let keys = extract_keys(keys)?;
         let ix = &self.ix;
         let r = py.detach(|| {

@@ -116,10 +116,7 @@ pub fn score_keys(
         }
     }
     done.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then(b.matched_blocks.cmp(&a.matched_blocks))
-            .then(a.pod.cmp(&b.pod))
+        b.score.total_cmp(&a.score).then(b.matched_blocks.cmp(&a.matched_blocks)).then(a.pod.cmp(&b.pod))
     });
     ScoreResult { scores: done, keys_consumed: consumed }
 }

@@ -8,9 +8,8 @@ into a plain JSON-ready dict.
 
 from __future__ import annotations
 
-from copy import copy
-
 from collections import deque
+from copy import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 

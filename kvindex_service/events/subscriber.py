@@ -21,7 +21,6 @@ abandoned and counted as unrecoverable).
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import socket
@@ -261,14 +260,10 @@ class Subscriber:
 
     # -- pods --------------------------------------------------------------------------------
 
-    def add_pod(
-        self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None
-    ) -> PodEndpoint:
+    def add_pod(self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None) -> PodEndpoint:
         """Connect to one more vLLM publisher. ``ValueError`` for a malformed endpoint or one
         (or a pod id) already configured."""
-        spec = self._check_spec(
-            PodEndpoint(endpoint=endpoint, pod_id=pod_id, replay_endpoint=replay_endpoint)
-        )
+        spec = self._check_spec(PodEndpoint(endpoint=endpoint, pod_id=pod_id, replay_endpoint=replay_endpoint))
         with self._lock:
             if self._state == "stopped":
                 raise RuntimeError("subscriber stopped")
@@ -441,9 +436,7 @@ class Subscriber:
                 fut.set_exception(exc)
 
     def _merge(self, track: PodTrack, native: Any) -> dict[str, Any]:
-        subscribed = self._state == "running" and (
-            track.mode == "bind" or track.endpoint in self._conns
-        )
+        subscribed = self._state == "running" and (track.mode == "bind" or track.endpoint in self._conns)
         return merge_pod_state(
             track,
             native,

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="gRPC listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=9002, help="gRPC port (default 9002, 0 = any)")
     p.add_argument("--scorer-url", help="scoring service base URL (POST {url}/score)")
-    p.add_argument("--endpoint", action="append", default=None, metavar="IP:PORT", help="eligible endpoint (repeatable)")
+    p.add_argument(
+        "--endpoint", action="append", default=None, metavar="IP:PORT", help="eligible endpoint (repeatable)"
+    )
     p.add_argument("--timeout-ms", type=float, help="scorer deadline in ms (default 50)")
     p.add_argument("--session-header", help=f"session affinity header (default {DEFAULT_SESSION_HEADER})")
     p.add_argument("--max-inflight", type=int, help="per-endpoint in-flight cap; all at cap -> 429")

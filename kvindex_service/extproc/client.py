@@ -81,13 +81,17 @@ class PendingRoute:
             has_body = bool(response_body)
             await self.call.write(
                 ep.ProcessingRequest(
-                    response_headers=_headers([(":status", str(status)), ("content-type", "application/json")], not has_body)
+                    response_headers=_headers(
+                        [(":status", str(status)), ("content-type", "application/json")], not has_body
+                    )
                 )
             )
             await self._read()
             if has_body:
                 assert response_body is not None
-                await self.call.write(ep.ProcessingRequest(response_body=ep.HttpBody(body=response_body, end_of_stream=True)))
+                await self.call.write(
+                    ep.ProcessingRequest(response_body=ep.HttpBody(body=response_body, end_of_stream=True))
+                )
                 await self._read()
             await self.call.done_writing()
             while await asyncio.wait_for(self.call.read(), self.timeout) is not grpc.aio.EOF:
@@ -177,7 +181,9 @@ class EnvoyClient:
         pairs += [(k.lower(), v) for k, v in headers.items()]
         req = ep.ProcessingRequest(
             request_headers=_headers(pairs, end_of_stream=not body),
-            protocol_config=ep.ProtocolConfiguration(request_body_mode=_MODES[mode], response_body_mode=response_body_mode),
+            protocol_config=ep.ProtocolConfiguration(
+                request_body_mode=_MODES[mode], response_body_mode=response_body_mode
+            ),
         )
         if subset is not None:
             hint = struct_pb2.Struct()
@@ -204,7 +210,9 @@ class EnvoyClient:
             raise ValueError(f"unknown body mode {mode!r}")
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
-        resp_mode = processing_mode_pb2.ProcessingMode.STREAMED if response_body else processing_mode_pb2.ProcessingMode.NONE
+        resp_mode = (
+            processing_mode_pb2.ProcessingMode.STREAMED if response_body else processing_mode_pb2.ProcessingMode.NONE
+        )
         call = self._stub.Process(timeout=timeout)
         result = RouteResult()
         try:
@@ -254,7 +262,9 @@ class EnvoyClient:
         if mode == "BUFFERED":
             chunks = [body]
         for i, chunk in enumerate(chunks):
-            await call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=chunk, end_of_stream=i == len(chunks) - 1)))
+            await call.write(
+                ep.ProcessingRequest(request_body=ep.HttpBody(body=chunk, end_of_stream=i == len(chunks) - 1))
+            )
             if await self._read(call, result, timeout) is None or result.status is not None:
                 return
 

@@ -71,9 +71,7 @@ class ExtprocConfig(BaseModel):
         default_factory=list,
         description="eligible ip:port endpoints when Envoy sends no subset hint",
     )
-    scorer_url: str | None = Field(
-        None, description="base URL of the scoring service (POST {url}/score); None = no KV"
-    )
+    scorer_url: str | None = Field(None, description="base URL of the scoring service (POST {url}/score); None = no KV")
     timeout_ms: float = Field(
         50.0,
         gt=0,
@@ -108,21 +106,15 @@ class ExtprocConfig(BaseModel):
         "at the end of the response (needs Envoy to send the response body or trailers; "
         "the stream's end always releases)",
     )
-    max_body_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="larger OpenAI bodies get 413"
-    )
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger OpenAI bodies get 413")
     max_subset: int = Field(4096, ge=1, description="longest subset hint accepted")
     assume_full_duplex: bool = Field(
         False,
         description="for Envoy versions that send no protocol_config: treat request bodies "
         "as FULL_DUPLEX_STREAMED instead of BUFFERED/STREAMED",
     )
-    breaker_failures: int = Field(
-        5, ge=1, description="consecutive scorer failures that open the circuit breaker"
-    )
-    breaker_cooldown_s: float = Field(
-        2.0, ge=0.0, description="while open, requests skip the scorer; then one probe"
-    )
+    breaker_failures: int = Field(5, ge=1, description="consecutive scorer failures that open the circuit breaker")
+    breaker_cooldown_s: float = Field(2.0, ge=0.0, description="while open, requests skip the scorer; then one probe")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port, 0 = off")
     metrics_host: str = "0.0.0.0"
 

@@ -57,7 +57,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         stats = self._stats
         method = handler_call_details.method
 
-        async def wrapped(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapped(
+            request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             try:
                 async for response in behavior(request_iterator, context):
                     yield response

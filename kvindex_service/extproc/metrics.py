@@ -82,7 +82,9 @@ class _Collector(Collector):
             "kvindex_extproc_streams_cancelled", "Streams closed by Envoy before the response", value=s.cancelled
         )
         yield CounterMetricFamily(
-            "kvindex_extproc_protocol_errors", "Streams failed for an unexpected message sequence", value=s.protocol_errors
+            "kvindex_extproc_protocol_errors",
+            "Streams failed for an unexpected message sequence",
+            value=s.protocol_errors,
         )
         yield CounterMetricFamily(
             "kvindex_extproc_internal_errors", "Streams failed for a bug in the picker", value=s.internal_errors

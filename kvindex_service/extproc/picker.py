@@ -30,7 +30,7 @@ from kvindex_service.extproc.config import ExtprocConfig
 from kvindex_service.extproc.prompt import PromptQuery
 from kvindex_service.extproc.scorer_client import KvScores, Scorer, ScorerError
 
-__all__ = ["Decision", "Lease", "Picker", "REASONS"]
+__all__ = ["REASONS", "Decision", "Lease", "Picker"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _MAX_SESSION_KEY = 256
 class Lease:
     """One in-flight request on one endpoint; :meth:`release` is idempotent."""
 
-    __slots__ = ("endpoint", "_picker", "_released")
+    __slots__ = ("_picker", "_released", "endpoint")
 
     def __init__(self, picker: Picker, endpoint: str) -> None:
         self.endpoint = endpoint

@@ -144,9 +144,7 @@ class HttpScorer:
         self._timeout = timeout_ms / 1000.0
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(max(self._timeout, 0.001)),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
             trust_env=False,  # the scorer is cluster-internal: never via an HTTP proxy
             headers={"content-type": "application/json"},

@@ -163,9 +163,7 @@ class _Responses:
 
     def pick_trailers(self, endpoint: str) -> ep.ProcessingResponse:
         # Trailers cannot carry request-header mutations: only the metadata route remains.
-        return ep.ProcessingResponse(
-            request_trailers=ep.TrailersResponse(), dynamic_metadata=self._metadata(endpoint)
-        )
+        return ep.ProcessingResponse(request_trailers=ep.TrailersResponse(), dynamic_metadata=self._metadata(endpoint))
 
     @staticmethod
     def immediate(status: int, message: str) -> ep.ProcessingResponse:
@@ -187,7 +185,9 @@ class _Responses:
         )
 
     @staticmethod
-    def streamed(body: bytes | bytearray, end_of_stream: bool, *, response: bool = False) -> list[ep.ProcessingResponse]:
+    def streamed(
+        body: bytes | bytearray, end_of_stream: bool, *, response: bool = False
+    ) -> list[ep.ProcessingResponse]:
         """``body`` as streamed_response body mutations of at most MAX_STREAMED_CHUNK bytes."""
         view = memoryview(body)
         pieces = [bytes(view[i : i + MAX_STREAMED_CHUNK]) for i in range(0, len(view), MAX_STREAMED_CHUNK)] or [b""]
@@ -207,9 +207,23 @@ class _Stream:
     """The state of one ext_proc stream (one HTTP request)."""
 
     __slots__ = (
-        "srv", "req_mode", "resp_mode", "path", "method", "request_id", "session", "subset",
-        "scored", "body", "body_done", "lease", "decided", "headers_seen", "observe",
-        "last_immediate", "response_seen",
+        "body",
+        "body_done",
+        "decided",
+        "headers_seen",
+        "last_immediate",
+        "lease",
+        "method",
+        "observe",
+        "path",
+        "req_mode",
+        "request_id",
+        "resp_mode",
+        "response_seen",
+        "scored",
+        "session",
+        "srv",
+        "subset",
     )  # fmt: skip
 
     def __init__(self, srv: ExternalProcessorServicer) -> None:
@@ -418,7 +432,7 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):
         self.stats = stats
         self.responses = _Responses()
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:
         stream = _Stream(self)

@@ -54,41 +54,47 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("workload")
     w.add_argument("--workload", choices=sorted(_DEFAULTS), default="shared-prefix")
     w.add_argument("--trace", type=Path, help="Mooncake-format JSONL trace (--workload trace)")
-    w.add_argument("--rate", type=float, help="arrivals/s (chat: new sessions/s; trace: rescale "
-                   "timestamps to this mean rate). Default: 6 shared-prefix, 0.5 chat, trace as is")
+    w.add_argument(
+        "--rate",
+        type=float,
+        help="arrivals/s (chat: new sessions/s; trace: rescale "
+        "timestamps to this mean rate). Default: 6 shared-prefix, 0.5 chat, trace as is",
+    )
     w.add_argument("--duration", type=float, default=60.0, help="simulated seconds of arrivals")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--groups", type=int, default=12, help="shared-prefix: prefix groups")
     w.add_argument("--prompts-per-group", type=int, default=16)
-    w.add_argument("--system-tokens", type=int, help="shared system prompt length "
-                   "(default 2048 shared-prefix, 512 chat)")
-    w.add_argument("--question-tokens", type=int, default=128, help="shared-prefix question / "
-                   "chat user message length")
-    w.add_argument("--output-tokens", type=int, help="mean output length (default 64 "
-                   "shared-prefix, 128 chat)")
+    w.add_argument(
+        "--system-tokens", type=int, help="shared system prompt length (default 2048 shared-prefix, 512 chat)"
+    )
+    w.add_argument("--question-tokens", type=int, default=128, help="shared-prefix question / chat user message length")
+    w.add_argument("--output-tokens", type=int, help="mean output length (default 64 shared-prefix, 128 chat)")
     w.add_argument("--turns", type=int, default=5, help="chat: turns per session")
     w.add_argument("--think-time", type=float, default=8.0, help="chat: mean s between turns")
     w.add_argument("--max-requests", type=int, help="trace: cap on requests replayed")
 
     f = p.add_argument_group("fleet")
     f.add_argument("--pods", type=int, default=3)
-    f.add_argument("--pod-capacity", type=int, help="KV blocks per pod (default 640 "
-                   "shared-prefix, 2048 chat, 16384 trace)")
+    f.add_argument(
+        "--pod-capacity", type=int, help="KV blocks per pod (default 640 shared-prefix, 2048 chat, 16384 trace)"
+    )
     f.add_argument("--block-size", type=int, default=16)
-    f.add_argument("--picker-load-weight", type=float, default=None,
-                   help="kvindex router: the picker's cost of one extra in-flight request "
-                   "(default: the picker's own, 0.1)")
+    f.add_argument(
+        "--picker-load-weight",
+        type=float,
+        default=None,
+        help="kvindex router: the picker's cost of one extra in-flight request (default: the picker's own, 0.1)",
+    )
     f.add_argument("--max-running", type=int, default=ServiceModel.max_running)
-    f.add_argument("--prefill-ms-per-token", type=float,
-                   default=ServiceModel.prefill_s_per_token * 1000)
-    f.add_argument("--decode-ms-per-token", type=float,
-                   default=ServiceModel.decode_s_per_token * 1000)
+    f.add_argument("--prefill-ms-per-token", type=float, default=ServiceModel.prefill_s_per_token * 1000)
+    f.add_argument("--decode-ms-per-token", type=float, default=ServiceModel.decode_s_per_token * 1000)
     f.add_argument("--hash-seed", help="PYTHONHASHSEED of the simulated vLLM (default: unset)")
     f.add_argument("--model", default=FleetConfig.model)
 
     o = p.add_argument_group("routers and output")
-    o.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
-                   help=f"comma-separated, from: {', '.join(router_names())}")
+    o.add_argument(
+        "--routers", default=",".join(DEFAULT_ROUTERS), help=f"comma-separated, from: {', '.join(router_names())}"
+    )
     o.add_argument("--json", type=Path, help="write the full report as JSON")
     o.add_argument("--plot", type=Path, help="write a PNG plot")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -135,15 +141,28 @@ def _requests(args: argparse.Namespace) -> list[Request]:
         if span > 0:
             scale = (len(records) / span) / args.rate
     return mooncake_requests(
-        records, seed=args.seed, duration=args.duration, time_scale=scale,
+        records,
+        seed=args.seed,
+        duration=args.duration,
+        time_scale=scale,
         max_requests=args.max_requests,
     )
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Simulate as the parsed flags say; print the table; return the JSON report."""
-    _positive(args, "pods", "pod_capacity", "block_size", "max_running", "duration", "rate",
-              "groups", "prompts_per_group", "turns")
+    _positive(
+        args,
+        "pods",
+        "pod_capacity",
+        "block_size",
+        "max_running",
+        "duration",
+        "rate",
+        "groups",
+        "prompts_per_group",
+        "turns",
+    )
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     known = router_names()
     unknown = [r for r in routers if r not in known]
@@ -174,8 +193,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     show = not args.quiet and sys.stderr.isatty()
-    with tqdm(total=len(requests) * len(routers), disable=not show, file=sys.stderr,
-              unit="req", desc="simulating") as bar:
+    with tqdm(
+        total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
+    ) as bar:
         runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update)
     span = max(args.duration, requests[-1].arrival)
     results = {run_.router: router_metrics(run_, span=span) for run_ in runs}
@@ -210,8 +230,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot is not None:
-        write_plot(results, args.plot, title=f"kvindex simulate --workload {args.workload} "
-                   f"--pods {cfg.pods} --seed {args.seed} ({w['requests']} requests)")
+        write_plot(
+            results,
+            args.plot,
+            title=f"kvindex simulate --workload {args.workload} "
+            f"--pods {cfg.pods} --seed {args.seed} ({w['requests']} requests)",
+        )
         print(f"wrote {args.plot}")
     return report
 

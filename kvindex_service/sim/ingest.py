@@ -32,9 +32,7 @@ class IngestTimeout(RuntimeError):
 
 
 class _SubscriberLike(Protocol):
-    def add_pod(
-        self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None
-    ) -> Any: ...
+    def add_pod(self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None) -> Any: ...
     def start(self) -> Any: ...
     def stop(self) -> Any: ...
     def sync(self, timeout: float = ...) -> Any: ...
@@ -53,9 +51,7 @@ class _FallbackSubscriber:
         self._ready = threading.Event()
         self.malformed = 0
 
-    def add_pod(
-        self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None
-    ) -> None:
+    def add_pod(self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None) -> None:
         del pod_id, replay_endpoint
         self._endpoints.append(endpoint)
 
@@ -152,17 +148,13 @@ class KvindexFeed:
         self.pods = list(pods)
         self.model = model
         self.sync_timeout = sync_timeout
-        self.indexer = Indexer(
-            block_size=pods[0].block_size, hash_seed=hash_seed, algorithm="sha256_cbor", shards=1
-        )
+        self.indexer = Indexer(block_size=pods[0].block_size, hash_seed=hash_seed, algorithm="sha256_cbor", shards=1)
         self.accuracy = AccuracyStats()
         self.sync_waits = 0
         self.subscriber, self.subscriber_kind = _make_subscriber(self.indexer, ctx)
         for p in self.pods:
             assert p.publisher is not None
-            self.subscriber.add_pod(
-                p.publisher.endpoint, pod_id=p.pod_id, replay_endpoint=p.publisher.replay_endpoint
-            )
+            self.subscriber.add_pod(p.publisher.endpoint, pod_id=p.pod_id, replay_endpoint=p.publisher.replay_endpoint)
         self.subscriber.start()
         for p in self.pods:
             assert p.publisher is not None
@@ -188,8 +180,7 @@ class KvindexFeed:
                 self.sync_waits += 1
                 if time.monotonic() > deadline:
                     raise IngestTimeout(
-                        f"kvindex did not apply events of {[p.pod_id for p in pending]} "
-                        f"within {self.sync_timeout} s"
+                        f"kvindex did not apply events of {[p.pod_id for p in pending]} within {self.sync_timeout} s"
                     )
                 time.sleep(0.0001)
 

@@ -60,9 +60,7 @@ class KvindexPickerRouter(KvindexDirectRouter):
         self._thread.start()
         self._tokenizers = TokenizerPool()  # token-id prompts need no tokenizer
         service = ScoringService(self.feed.indexer, self._tokenizers, block_size=fleet.pods[0].block_size)
-        config = ExtprocConfig.model_validate(
-            {"endpoints": self._ids, "timeout_ms": SCORER_TIMEOUT_MS}
-        )
+        config = ExtprocConfig.model_validate({"endpoints": self._ids, "timeout_ms": SCORER_TIMEOUT_MS})
         if kwargs.get("picker_load_weight") is not None:
             weights = config.weights.model_copy(update={"load": kwargs["picker_load_weight"]})
             config = config.model_copy(update={"weights": weights})
@@ -80,9 +78,7 @@ class KvindexPickerRouter(KvindexDirectRouter):
         for i, streams in enumerate(self._open):
             while len(streams) > fleet.load(i):
                 self._call(streams.popleft().finish())
-        body = json.dumps(
-            {"model": feed.model, "prompt": list(req.token_ids), "max_tokens": req.output_len}
-        ).encode()
+        body = json.dumps({"model": feed.model, "prompt": list(req.token_ids), "max_tokens": req.output_len}).encode()
         headers = {"x-session-id": req.session} if req.session else {}
         result = self._call(client.route("/v1/completions", body, headers=headers, complete=False))
         if result.endpoint in self._ids:

@@ -37,9 +37,7 @@ log = logging.getLogger(__name__)
 _END_OF_REPLAY = b"\xff" * 8
 
 
-def block_stored(
-    keys: Sequence[int], parent: int | None, token_ids: Sequence[int], block_size: int
-) -> dict[str, Any]:
+def block_stored(keys: Sequence[int], parent: int | None, token_ids: Sequence[int], block_size: int) -> dict[str, Any]:
     """A ``BlockStored`` event as vLLM >= 0.24 map-encodes it (the 0.33 field set)."""
     return {
         "type": "BlockStored",
@@ -225,9 +223,7 @@ class EventPublisher:
             self._replay_sock.setsockopt(zmq.LINGER, 0)
             self._replay_sock.bind(replay_endpoint)
             self.replay_endpoint = self._replay_sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._replay_thread = threading.Thread(
-                target=self._serve_replay, name=f"sim-replay-{pod_id}", daemon=True
-            )
+            self._replay_thread = threading.Thread(target=self._serve_replay, name=f"sim-replay-{pod_id}", daemon=True)
             self._replay_thread.start()
 
     @property
@@ -303,18 +299,14 @@ class SimPod:
         bs = self.pool.block_size
         return -(-(prompt_len + output_len) // bs)
 
-    def admit(
-        self, token_ids: Sequence[int], output_len: int, sim_time: float
-    ) -> Allocation | None:
+    def admit(self, token_ids: Sequence[int], output_len: int, sim_time: float) -> Allocation | None:
         """Schedule a request's prefill: reuse its cached prefix, allocate the rest, cache its
         full prompt blocks and publish one batch (evictions then stores), as a vLLM step does.
         """
         keys = self.processor.block_keys(token_ids)
         # vLLM always recomputes the prompt's last token, so a hit never covers it.
         max_hit = (len(token_ids) - 1) // self.pool.block_size
-        got = self.pool.allocate(
-            keys, self.blocks_needed(len(token_ids), output_len), max_hit=max_hit
-        )
+        got = self.pool.allocate(keys, self.blocks_needed(len(token_ids), output_len), max_hit=max_hit)
         if got is None:
             return None
         alloc, evicted = got

@@ -189,9 +189,7 @@ def write_plot(results: dict[str, dict[str, Any]], path: str | Path, *, title: s
     ax_hit.set_title("Hit rate (true pools)")
 
     width = 0.27
-    for k, (key, label) in enumerate(
-        (("ttft_p50_s", "p50"), ("ttft_p90_s", "p90"), ("ttft_p99_s", "p99"))
-    ):
+    for k, (key, label) in enumerate((("ttft_p50_s", "p50"), ("ttft_p90_s", "p90"), ("ttft_p99_s", "p99"))):
         vals = [(results[n][key] or 0.0) * 1000 for n in names]
         ax_ttft.bar([x + (k - 1) * width for x in xs], vals, width, label=label)
     ax_ttft.set_xticks(list(xs), names, rotation=30, ha="right")

@@ -117,9 +117,7 @@ class LeastLoadedRouter(Router):
         return self._least_loaded(fleet, range(len(fleet.pods)))
 
 
-def _best_prefix(
-    router: Router, fleet: FleetView, matched: Sequence[int]
-) -> int:
+def _best_prefix(router: Router, fleet: FleetView, matched: Sequence[int]) -> int:
     top = max(matched)
     return router._least_loaded(fleet, [i for i, m in enumerate(matched) if m == top])
 

@@ -186,8 +186,7 @@ def load_mooncake_trace(path: str | Path) -> list[TraceRecord]:
                 raise TraceError(f"{path}:{lineno}: negative or empty lengths/timestamp")
             if len(rec.hash_ids) * MOONCAKE_BLOCK_TOKENS < rec.input_length:
                 raise TraceError(
-                    f"{path}:{lineno}: {len(rec.hash_ids)} hash ids cannot cover "
-                    f"{rec.input_length} input tokens"
+                    f"{path}:{lineno}: {len(rec.hash_ids)} hash ids cannot cover {rec.input_length} input tokens"
                 )
             records.append(rec)
     return records

@@ -16,8 +16,8 @@ from kvindex_service.tokenization.pool import MODES, Tokenized, TokenizerPool
 __all__ = [
     "MODES",
     "TemplateError",
-    "Tokenized",
     "TokenizationError",
+    "Tokenized",
     "TokenizerLoadError",
     "TokenizerPool",
     "UnknownModelError",

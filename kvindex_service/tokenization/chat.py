@@ -24,7 +24,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ _TEXT_PART_FIELDS = {
 _RESERVED_KWARGS = frozenset({"messages", "chat_template", "tokenize"})
 
 
-@lru_cache(maxsize=None)
+@cache
 def builtin_template(name: str) -> str:
     """Text of a built-in template (``templates/<name>.jinja``)."""
     if name not in BUILTIN_TEMPLATES:
@@ -81,8 +81,7 @@ def select_template(templates: Mapping[str, str], tools: Sequence[Any] | None) -
     if "default" in templates:
         return templates["default"]
     raise TemplateError(
-        "the tokenizer has several named chat templates and none is called 'default': "
-        + ", ".join(sorted(templates))
+        "the tokenizer has several named chat templates and none is called 'default': " + ", ".join(sorted(templates))
     )
 
 
@@ -92,7 +91,7 @@ def select_template(templates: Mapping[str, str], tools: Sequence[Any] | None) -
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (HF's assistant-mask marker) renders its body."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it a plain class attribute)
 
     def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
         next(parser.stream)
@@ -110,9 +109,7 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _make_environment(clock: Callable[[], datetime]) -> ImmutableSandboxedEnvironment:
@@ -145,11 +142,9 @@ def _is_content_access(node: jinja2.nodes.Node, names: set[str]) -> bool:
 
 
 def detect_content_format(template: str) -> ContentFormat:
-    """"openai" when the template iterates over a message's content, else "string"."""
+    """ "openai" when the template iterates over a message's content, else "string"."""
     try:
-        ast = jinja2.Environment(extensions=[_GenerationTag, jinja2.ext.loopcontrols]).parse(
-            template
-        )
+        ast = jinja2.Environment(extensions=[_GenerationTag, jinja2.ext.loopcontrols]).parse(template)
     except jinja2.TemplateSyntaxError:
         return "string"
     bound: set[str] = set()
@@ -173,9 +168,7 @@ def _part_text(part: Any) -> str | None:
     kind = part.get("type")
     field = _TEXT_PART_FIELDS.get(kind) if isinstance(kind, str) else None
     if field is None:
-        raise TokenizationError(
-            f"unsupported content part type {kind!r}: only text parts can be tokenized here"
-        )
+        raise TokenizationError(f"unsupported content part type {kind!r}: only text parts can be tokenized here")
     text = part.get(field)
     if text is not None and not isinstance(text, str):
         raise TokenizationError(f"content part {kind!r} needs a string {field!r}")
@@ -213,9 +206,7 @@ def _parse_tool_calls(tool_calls: Any) -> list[Any] | None:
     return calls
 
 
-def normalize_messages(
-    messages: Sequence[Mapping[str, Any]], content_format: ContentFormat
-) -> list[dict[str, Any]]:
+def normalize_messages(messages: Sequence[Mapping[str, Any]], content_format: ContentFormat) -> list[dict[str, Any]]:
     """Copy ``messages`` into the form vLLM hands to the template (see module docstring)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TokenizationError("messages must be a list of message objects")
@@ -302,23 +293,15 @@ class ChatRenderer:
         compiled, content_format = self.compile(template)
         conversation = normalize_messages(messages, content_format)
         variables: dict[str, Any] = dict(special_tokens or {})
-        variables.update(
-            tools=tools, documents=documents, add_generation_prompt=add_generation_prompt
-        )
+        variables.update(tools=tools, documents=documents, add_generation_prompt=add_generation_prompt)
         if chat_template_kwargs:
             reserved = _RESERVED_KWARGS.intersection(chat_template_kwargs)
             if reserved:
-                raise TokenizationError(
-                    f"chat_template_kwargs may not set {', '.join(sorted(reserved))}"
-                )
+                raise TokenizationError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")
             variables.update(chat_template_kwargs)
-        continue_final_message = bool(
-            variables.pop("continue_final_message", continue_final_message)
-        )
+        continue_final_message = bool(variables.pop("continue_final_message", continue_final_message))
         if continue_final_message and variables["add_generation_prompt"]:
-            raise TokenizationError(
-                "continue_final_message and add_generation_prompt cannot both be true"
-            )
+            raise TokenizationError("continue_final_message and add_generation_prompt cannot both be true")
         if continue_final_message and not conversation:
             raise TokenizationError("continue_final_message needs at least one message")
         try:
@@ -339,9 +322,7 @@ def _cut_after_final(rendered: str, final: str) -> str:
     stripped = final.strip()
     loc = rendered.rfind(stripped)
     if loc < 0:
-        raise TemplateError(
-            "continue_final_message: the final message does not appear in the rendered chat"
-        )
+        raise TemplateError("continue_final_message: the final message does not appear in the rendered chat")
     if rendered[loc : loc + len(final.lstrip())] == final:
         return rendered[: loc + len(final.lstrip())]
     return rendered[: loc + len(stripped)]

@@ -74,9 +74,7 @@ def hf_hub_cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return base / "huggingface" / "hub"
 
 
-def find_in_hf_cache(
-    repo_id: str, hf_cache: str | os.PathLike[str] | None = None
-) -> Path | None:
+def find_in_hf_cache(repo_id: str, hf_cache: str | os.PathLike[str] | None = None) -> Path | None:
     """Snapshot directory with a ``tokenizer.json`` for ``repo_id`` in the local hub cache.
 
     The revision ``refs/main`` points to wins; otherwise the most recently modified snapshot.
@@ -178,9 +176,7 @@ def _templates_from_value(value: Any, where: str) -> dict[str, str]:
 def _read_chat_templates(directory: Path, config: Mapping[str, Any]) -> tuple[dict[str, str], str]:
     """Templates shipped with the tokenizer, in HF's order of precedence, and where from."""
     if config.get("chat_template") is not None:
-        return _templates_from_value(config["chat_template"], "tokenizer_config.json"), (
-            "tokenizer_config.json"
-        )
+        return _templates_from_value(config["chat_template"], "tokenizer_config.json"), ("tokenizer_config.json")
     templates: dict[str, str] = {}
     origin = ""
     jinja = directory / "chat_template.jinja"
@@ -295,10 +291,7 @@ def _token_byte_table(tok: Tokenizer) -> array[int] | None:
         table[token_id] = len(token)
     for token_id, added in tok.get_added_tokens_decoder().items():
         table[token_id] = len(added.content.encode("utf-8"))
-    probe = (
-        "Za\u017c\u00f3\u0142\u0107 g\u0119\u015bl\u0105 \u6771\u4eac \U0001f600 e\u0301 "
-        "<|eot_id|> 12345\n\t x"
-    )
+    probe = "Za\u017c\u00f3\u0142\u0107 g\u0119\u015bl\u0105 \u6771\u4eac \U0001f600 e\u0301 <|eot_id|> 12345\n\t x"
     ids = tok.encode(probe, add_special_tokens=False).ids
     if any(i >= len(table) or table[i] <= 0 for i in ids):
         return None

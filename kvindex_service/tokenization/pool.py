@@ -102,9 +102,9 @@ class TokenizerPool:
 
     def __init__(
         self,
-        sources: Mapping[str, str] = {},  # noqa: B006 - never mutated
+        sources: Mapping[str, str] = {},
         *,
-        chat_templates: Mapping[str, str] = {},  # noqa: B006 - never mutated
+        chat_templates: Mapping[str, str] = {},
         prefix_store_chars: int = 64_000_000,
         chunk_chars: int = 256,
         mode: str = "exact",
@@ -280,20 +280,14 @@ class TokenizerPool:
         text = self.render_chat(model, messages, **render_kwargs)
         return self.tokenize(model, text, add_special_tokens=False)
 
-    async def atokenize(
-        self, model: str, text: str, *, add_special_tokens: bool = True
-    ) -> Tokenized:
+    async def atokenize(self, model: str, text: str, *, add_special_tokens: bool = True) -> Tokenized:
         self._check_open()
         hit = self._inline_hit(model, text, add_special_tokens)
         if hit is not None:
             return hit
-        return await self._offload(
-            partial(self.tokenize, model, text, add_special_tokens=add_special_tokens)
-        )
+        return await self._offload(partial(self.tokenize, model, text, add_special_tokens=add_special_tokens))
 
-    async def atokenize_chat(
-        self, model: str, messages: list[dict], **render_kwargs: Any
-    ) -> Tokenized:
+    async def atokenize_chat(self, model: str, messages: list[dict], **render_kwargs: Any) -> Tokenized:
         return await self._offload(partial(self.tokenize_chat, model, messages, **render_kwargs))
 
     async def _offload(self, fn: Callable[[], Tokenized]) -> Tokenized:
@@ -332,9 +326,7 @@ class TokenizerPool:
         self._count("cached_tokens", reused)
         return Tokenized(self._wrap(lt, ids.tolist(), add_special_tokens), reused > 0, reused, True)
 
-    def _hit(
-        self, lt: LoadedTokenizer, cached: array[int], add_special_tokens: bool
-    ) -> Tokenized:
+    def _hit(self, lt: LoadedTokenizer, cached: array[int], add_special_tokens: bool) -> Tokenized:
         ids = cached.tolist()
         with self._lock:
             counts = self._counts
@@ -343,9 +335,7 @@ class TokenizerPool:
             counts["cached_tokens"] += len(ids)
         return Tokenized(self._wrap(lt, ids, add_special_tokens), bool(ids), len(ids), True)
 
-    def _inline_hit(
-        self, model: str, text: object, add_special_tokens: bool
-    ) -> Tokenized | None:
+    def _inline_hit(self, model: str, text: object, add_special_tokens: bool) -> Tokenized | None:
         """An exact store hit answered on the caller's thread (a dict look-up, no hop)."""
         lt = self._loaded.get(model) if isinstance(model, str) else None
         if lt is None or not isinstance(text, str) or len(text) > _INLINE_HIT_MAX_CHARS:
@@ -358,9 +348,7 @@ class TokenizerPool:
         self._count("tokenize_calls")
         return self._hit(lt, entry.ids, add_special_tokens)
 
-    def _wrap_partial(
-        self, lt: LoadedTokenizer, ids: list[int], add_special_tokens: bool
-    ) -> list[int]:
+    def _wrap_partial(self, lt: LoadedTokenizer, ids: list[int], add_special_tokens: bool) -> list[int]:
         # A partial answer must stay a prefix of the exact answer: no suffix specials.
         if add_special_tokens and lt.prefix_specials:
             return [*lt.prefix_specials, *ids]
@@ -419,9 +407,7 @@ class TokenizerPool:
                 return
             if self._background is None:
                 workers = max(1, (self._max_workers + 1) // 2)
-                self._background = ThreadPoolExecutor(
-                    workers, thread_name_prefix="kvindex-tokenize-bg"
-                )
+                self._background = ThreadPoolExecutor(workers, thread_name_prefix="kvindex-tokenize-bg")
             future = self._background.submit(self._fill, lt, lookup)
             self._inflight[key] = future
         future.add_done_callback(lambda _f: self._fill_done(key))

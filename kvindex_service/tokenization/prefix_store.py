@@ -36,7 +36,7 @@ class Entry:
     ``starts[i]:starts[i+1]`` of the text), filled in by the tokenizer that owns the entry.
     """
 
-    __slots__ = ("keys", "namespace", "ids", "starts", "text")
+    __slots__ = ("ids", "keys", "namespace", "starts", "text")
 
     def __init__(
         self,
@@ -166,9 +166,7 @@ class PrefixStore:
 
     # -- updates ---------------------------------------------------------------------------
 
-    def insert(
-        self, lookup: Lookup, ids: array[int], starts: array[int] | None = None
-    ) -> bool:
+    def insert(self, lookup: Lookup, ids: array[int], starts: array[int] | None = None) -> bool:
         """Store the tokens of ``lookup.text``; returns False if it does not fit at all."""
         text, namespace = lookup.text, lookup.namespace
         if not self.enabled or len(text) > self.max_chars:

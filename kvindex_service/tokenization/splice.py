@@ -138,9 +138,7 @@ class SpliceRules:
 
     # -- applying them to a cached entry -----------------------------------------------------
 
-    def find_cut(
-        self, text: str, limit: int, entry: Entry, starts: array[int], floor: int = 1
-    ) -> Cut | None:
+    def find_cut(self, text: str, limit: int, entry: Entry, starts: array[int], floor: int = 1) -> Cut | None:
         """The largest safe cut ``c`` with ``floor <= c`` inside ``text[:limit]``.
 
         ``entry`` is the cached tokenization of a text that agrees with ``text`` on its first
@@ -158,9 +156,7 @@ class SpliceRules:
                 return best
             width *= 4
 
-    def _best_in_window(
-        self, text: str, lo: int, limit: int, entry: Entry, starts: array[int]
-    ) -> Cut | None:
+    def _best_in_window(self, text: str, lo: int, limit: int, entry: Entry, starts: array[int]) -> Cut | None:
         best: Cut | None = None
         for pos in self.space_cuts(text, lo, limit):
             byte = utf8_len(text, pos)

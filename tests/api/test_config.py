@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from kvindex_service.cli import build_parser, serve_overrides
-from kvindex_service.config import LLAMA32_MODELS, Settings, load_settings
+from kvindex_service.config import LLAMA32_MODELS, load_settings
 from kvindex_service.tokenization import find_llama3_tokenizer_dir
 
 
@@ -37,9 +37,7 @@ def test_defaults() -> None:
     assert (s.log.level, s.log.json_) == ("INFO", False)
 
 
-def test_precedence_cli_over_env_over_yaml_over_defaults(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_precedence_cli_over_env_over_yaml_over_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _yaml(
         tmp_path,
         """
@@ -105,7 +103,9 @@ def test_cli_flags_shape(tmp_path: Path) -> None:
     assert serve_overrides(build_parser().parse_args(["serve"])) == {}
 
 
-@pytest.mark.parametrize("argv", [["serve", "--pod", "no-equals"], ["serve", "--tokenizer", "=x"], ["serve", "--port", "x"]])
+@pytest.mark.parametrize(
+    "argv", [["serve", "--pod", "no-equals"], ["serve", "--tokenizer", "=x"], ["serve", "--port", "x"]]
+)
 def test_cli_rejects_malformed_flags(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)

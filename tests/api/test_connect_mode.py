@@ -16,9 +16,7 @@ def test_configured_pod_is_subscribed_and_scored() -> None:
     pub = ctx.socket(zmq.XPUB)  # vLLM binds; kvindex connects
     pub.bind("tcp://127.0.0.1:*")
     endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-    server = LiveServer(
-        make_settings(zmq={"bind": None, "pods": [{"endpoint": endpoint, "pod_id": "10.3.0.1:8000"}]})
-    )
+    server = LiveServer(make_settings(zmq={"bind": None, "pods": [{"endpoint": endpoint, "pod_id": "10.3.0.1:8000"}]}))
     server.start()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:

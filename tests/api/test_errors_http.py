@@ -122,7 +122,8 @@ def test_unknown_pod_is_404(api: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(
-    "endpoint", ["localhost:5557", "tcp://", "tcp://host", "tcp://host:99999", "inproc://x", "tcp://*:5557", "udp://h:1"]
+    "endpoint",
+    ["localhost:5557", "tcp://", "tcp://host", "tcp://host:99999", "inproc://x", "tcp://*:5557", "udp://h:1"],
 )
 def test_bad_endpoint_on_post_pods_is_400(api: httpx.Client, endpoint: str) -> None:
     err = _error(api.post("/pods", json={"endpoint": endpoint}), 400, "bad_endpoint")

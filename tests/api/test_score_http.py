@@ -60,16 +60,12 @@ def _renamed(expect: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("version", VLLM_VERSIONS)
-def test_vllm_capture_end_to_end(
-    version: str, client: httpx.Client, publishers: Callable[[], Publisher]
-) -> None:
+def test_vllm_capture_end_to_end(version: str, client: httpx.Client, publishers: Callable[[], Publisher]) -> None:
     capture = load_vllm_capture(version)
     names = _replay_capture(client, publishers, capture)
     final = _renamed(capture["messages"][-1]["expect_after"], names)
     ids = capture["prompts"]["P1"]
-    body = client.post(
-        "/score", json={"model": capture["model"], "token_ids": ids, "pods": sorted(final)}
-    ).json()
+    body = client.post("/score", json={"model": capture["model"], "token_ids": ids, "pods": sorted(final)}).json()
     assert body["model"] == capture["model"]
     assert body["total_tokens"] == len(ids)
     assert body["total_blocks"] == len(ids) // 16
@@ -190,9 +186,7 @@ def test_chat_messages_render_with_the_model_template(
     assert llmd == {pod: float(n_blocks)}
 
 
-def test_mooncake_query_per_instance_tier_and_rank(
-    client: httpx.Client, publishers: Callable[[], Publisher]
-) -> None:
+def test_mooncake_query_per_instance_tier_and_rank(client: httpx.Client, publishers: Callable[[], Publisher]) -> None:
     capture = load_vllm_capture("0.33.0")
     names = _replay_capture(client, publishers, capture)
     expect = _renamed(capture["messages"][-1]["expect_after"], names)
@@ -276,7 +270,11 @@ def test_connect_mode_pods_added_and_removed(client: httpx.Client) -> None:
     r = client.post("/pods", json={"endpoint": "tcp://127.0.0.1:1", "pod_id": "10.5.0.1:8000",
                                    "replay_endpoint": "tcp://127.0.0.1:2"})  # fmt: skip
     assert r.status_code == 201
-    assert r.json() == {"endpoint": "tcp://127.0.0.1:1", "pod_id": "10.5.0.1:8000", "replay_endpoint": "tcp://127.0.0.1:2"}
+    assert r.json() == {
+        "endpoint": "tcp://127.0.0.1:1",
+        "pod_id": "10.5.0.1:8000",
+        "replay_endpoint": "tcp://127.0.0.1:2",
+    }
     try:
         dup = client.post("/pods", json={"endpoint": "tcp://127.0.0.1:1"})
         assert dup.status_code == 409 and dup.json()["error"]["type"] == "pod_conflict"
@@ -318,7 +316,10 @@ def test_metrics_exposition(client: httpx.Client, publishers: Callable[[], Publi
     assert 0.0 <= samples[("kvindex_tokenization_prefix_store_hit_ratio", ())] <= 1.0
     ok = samples[("kvindex_http_requests_total", (("method", "POST"), ("route", "/score"), ("status", "200")))]
     assert ok >= 2
-    assert ("kvindex_http_request_duration_seconds_count", (("method", "GET"), ("route", "/pods/{pod:path}"))) in samples
+    assert (
+        "kvindex_http_request_duration_seconds_count",
+        (("method", "GET"), ("route", "/pods/{pod:path}")),
+    ) in samples
 
 
 def _parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

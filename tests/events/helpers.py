@@ -47,8 +47,9 @@ def matched(ix: Indexer, model: str, tokens: list[int], pod: str) -> int:
     return next(s.matched_blocks for s in scores if s.pod == pod)
 
 
-def check_expect(ix: Indexer, capture: dict[str, Any], expect: dict[str, dict[str, int]],
-                 rename: dict[str, str] | None = None) -> None:
+def check_expect(
+    ix: Indexer, capture: dict[str, Any], expect: dict[str, dict[str, int]], rename: dict[str, str] | None = None
+) -> None:
     for pod, per_prompt in expect.items():
         name = (rename or {}).get(pod, pod)
         for prompt, blocks in per_prompt.items():
@@ -59,8 +60,14 @@ def check_expect(ix: Indexer, capture: dict[str, Any], expect: dict[str, dict[st
 class Publisher:
     """A PUB socket standing in for one vLLM pod (or several, in bind mode)."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], *, bind: bool = True,
-                 connect_to: str | None = None, sndhwm: int = 100_000) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        *,
+        bind: bool = True,
+        connect_to: str | None = None,
+        sndhwm: int = 100_000,
+    ) -> None:
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
@@ -105,8 +112,9 @@ class Router:
     ``hold`` set, replies wait until ``release()``.
     """
 
-    def __init__(self, replies: Callable[[int], list[list[bytes]]], *, ignore_first: int = 0,
-                 hold: bool = False) -> None:
+    def __init__(
+        self, replies: Callable[[int], list[list[bytes]]], *, ignore_first: int = 0, hold: bool = False
+    ) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -154,19 +162,25 @@ class Router:
 
 def fixture_replies(capture: dict[str, Any]) -> list[list[bytes]]:
     """The capture's real replay reply frames, decoded."""
-    return [[base64.b64decode(f) for f in frames]
-            for frames in capture["replay_from_seq_2_of_first_pod"]["reply_frames_b64"]]
+    return [
+        [base64.b64decode(f) for f in frames]
+        for frames in capture["replay_from_seq_2_of_first_pod"]["reply_frames_b64"]
+    ]
 
 
 def fixture_request(capture: dict[str, Any]) -> list[bytes]:
-    return [base64.b64decode(f)
-            for f in capture["replay_from_seq_2_of_first_pod"]["request_frames_b64"]]
+    return [base64.b64decode(f) for f in capture["replay_from_seq_2_of_first_pod"]["request_frames_b64"]]
 
 
 def stored_batch(hashes: list[int], parent: int | None, tokens: list[int], ts: float = 1.0) -> bytes:
     """A vLLM >= 0.24 map-encoded batch with one BlockStored (None-valued fields omitted)."""
-    event: dict[str, Any] = {"type": "BlockStored", "block_hashes": hashes, "token_ids": tokens,
-                             "block_size": 16, "medium": "GPU"}
+    event: dict[str, Any] = {
+        "type": "BlockStored",
+        "block_hashes": hashes,
+        "token_ids": tokens,
+        "block_size": 16,
+        "medium": "GPU",
+    }
     if parent is not None:
         event["parent_block_hash"] = parent
     return msgpack.packb([ts, [event], 0])

@@ -31,18 +31,15 @@ def test_many_publishers_keep_per_pod_order(zctx: Ctx) -> None:
     depends on its batches being applied in publication order."""
     ix = make_indexer(shards=2)
     rng = random.Random(7)
-    prompts = {f"pod-{i:02d}": [rng.randrange(128_000) for _ in range(16 * (BATCHES - 1))]
-               for i in range(PODS)}
+    prompts = {f"pod-{i:02d}": [rng.randrange(128_000) for _ in range(16 * (BATCHES - 1))] for i in range(PODS)}
     keys = {pod: ix.block_keys(tokens) for pod, tokens in prompts.items()}
     connected = [Publisher(zctx) for _ in range(PODS // 2)]
-    sub = Subscriber(ix, bind="tcp://127.0.0.1:*",
-                     pods=[PodEndpoint(p.endpoint) for p in connected])
+    sub = Subscriber(ix, bind="tcp://127.0.0.1:*", pods=[PodEndpoint(p.endpoint) for p in connected])
     pubs: list[Publisher] = []
     try:
         sub.start()
         assert sub.bound_endpoint is not None
-        pubs = connected + [Publisher(zctx, connect_to=sub.bound_endpoint)
-                            for _ in range(PODS - len(connected))]
+        pubs = connected + [Publisher(zctx, connect_to=sub.bound_endpoint) for _ in range(PODS - len(connected))]
         for pub in pubs:
             pub.probe(sub)
 
@@ -52,8 +49,7 @@ def test_many_publishers_keep_per_pod_order(zctx: Ctx) -> None:
                 payload = removed_batch([keys[pod][seq - 1]])
             else:
                 parent = keys[pod][seq - 1] if seq else None
-                payload = stored_batch([keys[pod][seq]], parent,
-                                       prompts[pod][16 * seq:16 * seq + 16])
+                payload = stored_batch([keys[pod][seq]], parent, prompts[pod][16 * seq : 16 * seq + 16])
             return [topic, seq.to_bytes(8, "big"), payload]
 
         # ZMQ sockets are not thread-safe: each publisher thread owns its own PUB socket.
@@ -64,8 +60,7 @@ def test_many_publishers_keep_per_pod_order(zctx: Ctx) -> None:
             for seq in range(BATCHES):
                 pub.send(frames(pod, seq))
 
-        threads = [threading.Thread(target=publish, args=(pub, pod))
-                   for pub, pod in zip(pubs, prompts, strict=True)]
+        threads = [threading.Thread(target=publish, args=(pub, pod)) for pub, pod in zip(pubs, prompts, strict=True)]
         for t in threads:
             t.start()
         go.set()

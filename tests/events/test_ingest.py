@@ -18,8 +18,9 @@ def _pods(capture: dict[str, Any]) -> list[str]:
     return sorted({m["pod"] for m in capture["messages"]})
 
 
-def _replay_capture(capture: dict[str, Any], sub: Subscriber, pubs: dict[str, Publisher],
-                    ix: Any, rename: dict[str, str] | None = None) -> None:
+def _replay_capture(
+    capture: dict[str, Any], sub: Subscriber, pubs: dict[str, Publisher], ix: Any, rename: dict[str, str] | None = None
+) -> None:
     for msg in capture["messages"]:
         pubs[msg["pod"]].send_wait(sub, msg["frames"])
         check_expect(ix, capture, msg["expect_after"], rename)
@@ -92,8 +93,7 @@ def test_pod_id_override_and_both_modes_at_once(zctx: Ctx) -> None:
     first, second = _pods(capture)
     ix = make_indexer(capture)
     pub1 = Publisher(zctx)
-    sub = Subscriber(ix, bind="tcp://127.0.0.1:*",
-                     pods=[PodEndpoint(pub1.endpoint, pod_id="pod-a")])
+    sub = Subscriber(ix, bind="tcp://127.0.0.1:*", pods=[PodEndpoint(pub1.endpoint, pod_id="pod-a")])
     pub2: Publisher | None = None
     try:
         sub.start()

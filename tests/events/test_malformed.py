@@ -36,12 +36,14 @@ PAYLOAD_GARBAGE: list[bytes] = [
     msgpack.packb("not a batch"),
     msgpack.packb([1.0, "events?", 0]),
     msgpack.packb([1.0, [["BlockStored", "hashes", None, "tokens", 16]], 0]),  # wrong types
-    msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": [1], "token_ids": [1] * 16,
-                          "block_size": "sixteen"}], 0]),
+    msgpack.packb(
+        [1.0, [{"type": "BlockStored", "block_hashes": [1], "token_ids": [1] * 16, "block_size": "sixteen"}], 0]
+    ),
     b"\x93\xcb" + b"\x00" * 8 + b"\xdd\xff\xff\xff\xff",  # claims 4 billion events
     b"\x93\xcb" + b"\x00" * 8 + b"\x91\xdf\xff\xff\xff\xff",  # an event map of 4 billion keys
-    msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": list(range(200_000)),
-                          "token_ids": [], "block_size": 16}], 0]),  # huge array, wrong length
+    msgpack.packb(
+        [1.0, [{"type": "BlockStored", "block_hashes": list(range(200_000)), "token_ids": [], "block_size": 16}], 0]
+    ),  # huge array, wrong length
     b"\xc1" * 32,  # never-used msgpack byte
 ]
 
@@ -117,8 +119,9 @@ def test_garbage_on_a_named_connect_endpoint_is_attributed_to_its_pod(zctx: Ctx)
         assert state["malformed_messages"] == len(FRAME_GARBAGE) + 1
         first = [m for m in capture["messages"] if m["pod"] == "10.0.0.1:8000"][0]
         pub.send_wait(sub, first["frames"])
-        check_expect(ix, capture, {"10.0.0.1:8000": first["expect_after"]["10.0.0.1:8000"]},
-                     rename={"10.0.0.1:8000": "pod-a"})
+        check_expect(
+            ix, capture, {"10.0.0.1:8000": first["expect_after"]["10.0.0.1:8000"]}, rename={"10.0.0.1:8000": "pod-a"}
+        )
     finally:
         sub.stop()
         pub.close()
@@ -132,8 +135,7 @@ def test_oversized_message_drops_only_that_connection(zctx: Ctx) -> None:
     ix = make_indexer(capture)
     big = Publisher(zctx)
     other = Publisher(zctx)
-    sub = Subscriber(ix, pods=[PodEndpoint(big.endpoint), PodEndpoint(other.endpoint)],
-                     max_message_bytes=64 * 1024)
+    sub = Subscriber(ix, pods=[PodEndpoint(big.endpoint), PodEndpoint(other.endpoint)], max_message_bytes=64 * 1024)
     try:
         sub.start()
         big.probe(sub)

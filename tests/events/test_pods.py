@@ -33,8 +33,9 @@ def test_add_and_remove_pods_at_run_time(zctx: Ctx) -> None:
         pub1.probe(sub)
         # The second pod is added from another thread while the first one publishes.
         added: list[PodEndpoint] = []
-        adder = threading.Thread(target=lambda: added.append(
-            sub.add_pod(pub2.endpoint, replay_endpoint="tcp://127.0.0.1:1")))
+        adder = threading.Thread(
+            target=lambda: added.append(sub.add_pod(pub2.endpoint, replay_endpoint="tcp://127.0.0.1:1"))
+        )
         adder.start()
         for msg in [m for m in msgs if m["pod"] == first][:3]:
             pub1.send_wait(sub, msg["frames"])

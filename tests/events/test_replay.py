@@ -29,14 +29,18 @@ FAST = {"replay_timeout": 0.2, "replay_retries": 1, "replay_backoff": 0.01}
 
 
 @contextmanager
-def running(capture: dict[str, Any], zctx: Ctx, replay_endpoint: str | None,
-            **kw: Any) -> Iterator[tuple[Indexer, Subscriber, dict[str, Publisher]]]:
+def running(
+    capture: dict[str, Any], zctx: Ctx, replay_endpoint: str | None, **kw: Any
+) -> Iterator[tuple[Indexer, Subscriber, dict[str, Publisher]]]:
     """Both capture pods in connect mode; the first one with ``replay_endpoint``."""
     first, second = sorted({m["pod"] for m in capture["messages"]})
     ix = make_indexer(capture)
     pubs = {first: Publisher(zctx), second: Publisher(zctx)}
-    sub = Subscriber(ix, pods=[PodEndpoint(pubs[first].endpoint, replay_endpoint=replay_endpoint),
-                               PodEndpoint(pubs[second].endpoint)], **kw)
+    sub = Subscriber(
+        ix,
+        pods=[PodEndpoint(pubs[first].endpoint, replay_endpoint=replay_endpoint), PodEndpoint(pubs[second].endpoint)],
+        **kw,
+    )
     try:
         sub.start()
         for pub in pubs.values():
@@ -54,8 +58,13 @@ def _first_pod(capture: dict[str, Any]) -> str:
     return pod
 
 
-def _publish_skipping(capture: dict[str, Any], sub: Subscriber, pubs: dict[str, Publisher],
-                      ix: Indexer, skip: Callable[[dict[str, Any]], bool]) -> None:
+def _publish_skipping(
+    capture: dict[str, Any],
+    sub: Subscriber,
+    pubs: dict[str, Publisher],
+    ix: Indexer,
+    skip: Callable[[dict[str, Any]], bool],
+) -> None:
     """Publish every message but the skipped ones. After each, the publishing pod must match
     vLLM's expectation (the other pod may still lack the skipped batches); at the end, all."""
     for msg in capture["messages"]:
@@ -74,8 +83,7 @@ def test_gap_filled_from_captured_replay(version: str, last_skipped: int, zctx: 
     router = Router(lambda start: fixture_replies(capture))
     try:
         with running(capture, zctx, router.endpoint) as (ix, sub, pubs):
-            _publish_skipping(capture, sub, pubs, ix,
-                              lambda m: m["pod"] == pod and 2 <= m["seq"] <= last_skipped)
+            _publish_skipping(capture, sub, pubs, ix, lambda m: m["pod"] == pod and 2 <= m["seq"] <= last_skipped)
             # The request on the wire is exactly the one vLLM's own client sent.
             assert router.requests == [fixture_request(capture)]
             state = sub.pod_state(pod)
@@ -168,8 +176,7 @@ def _absent_endpoint() -> str:
 def test_replay_timeouts_are_retried_then_unrecoverable(router_kind: str, zctx: Ctx) -> None:
     capture = load_vllm_capture("0.33.0")
     pod = _first_pod(capture)
-    router = Router(lambda start: fixture_replies(capture), ignore_first=99) \
-        if router_kind == "silent" else None
+    router = Router(lambda start: fixture_replies(capture), ignore_first=99) if router_kind == "silent" else None
     endpoint = router.endpoint if router else _absent_endpoint()
     try:
         with running(capture, zctx, endpoint, **FAST) as (ix, sub, pubs):
@@ -195,8 +202,7 @@ def test_retry_after_a_lost_reply_fills_the_gap(zctx: Ctx) -> None:
     router = Router(lambda start: fixture_replies(capture), ignore_first=1)
     try:
         with running(capture, zctx, router.endpoint, **FAST) as (ix, sub, pubs):
-            _publish_skipping(capture, sub, pubs, ix,
-                              lambda m: m["pod"] == pod and m["seq"] in (2, 3))
+            _publish_skipping(capture, sub, pubs, ix, lambda m: m["pod"] == pod and m["seq"] in (2, 3))
             state = sub.pod_state(pod)
             assert state is not None
             assert (state["replays"], state["replay_timeouts"], state["unrecoverable_gaps"]) == (2, 1, 0)
@@ -219,12 +225,13 @@ def test_other_pods_flow_while_a_replay_is_pending(zctx: Ctx) -> None:
             pubs[first].send(msgs[first, 4]["frames"])  # gap: 2-3 missing
             assert router.received.wait(WAIT)
             pubs[first].send(msgs[first, 5]["frames"])  # held behind the replay
-            wait_until(lambda: (sub.pod_state(first) or {}).get("pending_messages") == 1,
-                       what="live batch held behind the replay")
+            wait_until(
+                lambda: (sub.pod_state(first) or {}).get("pending_messages") == 1,
+                what="live batch held behind the replay",
+            )
             for seq in (0, 1):
                 pubs[second].send(msgs[second, seq]["frames"])
-            wait_until(lambda: getattr(ix.pod_state(second), "last_seq", None) == 1,
-                       what="second pod applied")
+            wait_until(lambda: getattr(ix.pod_state(second), "last_seq", None) == 1, what="second pod applied")
             check_expect(ix, capture, {second: msgs[second, 1]["expect_after"][second]})
             state = sub.pod_state(first)
             assert state is not None and state["replay_in_progress"] is True
@@ -249,13 +256,13 @@ def test_too_many_held_batches_abandon_the_replay(zctx: Ctx) -> None:
     keys = ix.block_keys(tokens)
     router = Router(lambda start: [], hold=True)
     pub = Publisher(zctx)
-    sub = Subscriber(ix, pods=[PodEndpoint(pub.endpoint, replay_endpoint=router.endpoint)],
-                     rcvhwm=2, replay_timeout=60.0)
+    sub = Subscriber(
+        ix, pods=[PodEndpoint(pub.endpoint, replay_endpoint=router.endpoint)], rcvhwm=2, replay_timeout=60.0
+    )
 
     def frames(seq: int) -> list[bytes]:
         parent = keys[seq - 1] if seq else None
-        return [b"kv@p@m", seq.to_bytes(8, "big"),
-                stored_batch([keys[seq]], parent, tokens[16 * seq:16 * seq + 16])]
+        return [b"kv@p@m", seq.to_bytes(8, "big"), stored_batch([keys[seq]], parent, tokens[16 * seq : 16 * seq + 16])]
 
     try:
         sub.start()
@@ -265,8 +272,10 @@ def test_too_many_held_batches_abandon_the_replay(zctx: Ctx) -> None:
         assert router.received.wait(WAIT)
         for seq in (6, 7, 8):
             pub.send(frames(seq))
-        wait_until(lambda: (sub.pod_state("p") or {}).get("last_seq_received") == 8,
-                   what="held batches applied after the replay was abandoned")
+        wait_until(
+            lambda: (sub.pod_state("p") or {}).get("last_seq_received") == 8,
+            what="held batches applied after the replay was abandoned",
+        )
         assert sub.sync(WAIT)
         state = sub.pod_state("p")
         assert state is not None

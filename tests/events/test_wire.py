@@ -21,17 +21,18 @@ from tests.conftest import VLLM_VERSIONS, load_vllm_capture
 @pytest.mark.parametrize(
     ("topic", "prefix", "expected"),
     [
-        (b"kv@10.0.0.1:8000@meta-llama/Llama-3.2-3B-Instruct", "kv@",
-         ("10.0.0.1:8000", "meta-llama/Llama-3.2-3B-Instruct")),
+        (
+            b"kv@10.0.0.1:8000@meta-llama/Llama-3.2-3B-Instruct",
+            "kv@",
+            ("10.0.0.1:8000", "meta-llama/Llama-3.2-3B-Instruct"),
+        ),
         (b"kv@pod@org/model@rev@2", "kv@", ("pod", "org/model@rev@2")),
         ("kv@pöd@mödel".encode(), "kv@", ("pöd", "mödel")),
         (b"events.pod-1@m", "events.", ("pod-1", "m")),
         (b"pod@m", "", ("pod", "m")),
     ],
 )
-def test_parse_topic_splits_on_first_two_separators(
-    topic: bytes, prefix: str, expected: tuple[str, str]
-) -> None:
+def test_parse_topic_splits_on_first_two_separators(topic: bytes, prefix: str, expected: tuple[str, str]) -> None:
     assert parse_topic(topic, prefix) == expected
 
 
@@ -72,15 +73,14 @@ def test_seq_frames() -> None:
         (9, 3, True, 0, True),  # restarted and its first batches were missed
     ],
 )
-def test_classify(last: int | None, seq: int, reset: bool, missing_from: int | None,
-                  joined: bool) -> None:
+def test_classify(last: int | None, seq: int, reset: bool, missing_from: int | None, joined: bool) -> None:
     verdict = classify(last, seq)
     assert (verdict.reset, verdict.missing_from, verdict.joined) == (reset, missing_from, joined)
 
 
 @pytest.mark.parametrize(
-    "endpoint", ["tcp://127.0.0.1:5557", "tcp://pod-1.ns.svc:5557", "tcp://[::1]:5557",
-                 "ipc:///tmp/kv.sock"],
+    "endpoint",
+    ["tcp://127.0.0.1:5557", "tcp://pod-1.ns.svc:5557", "tcp://[::1]:5557", "ipc:///tmp/kv.sock"],
 )
 def test_valid_endpoints(endpoint: str) -> None:
     assert validate_endpoint(endpoint) == endpoint
@@ -88,9 +88,21 @@ def test_valid_endpoints(endpoint: str) -> None:
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["127.0.0.1:5557", "udp://127.0.0.1:5557", "tcp://127.0.0.1", "tcp://127.0.0.1:0",
-     "tcp://127.0.0.1:65536", "tcp://127.0.0.1:x", "tcp://*:5557", "tcp://127.0.0.1:*",
-     "tcp://:5557", "inproc://x", "ipc://", "tcp://a b:1", "tcp://[::1:5557"],
+    [
+        "127.0.0.1:5557",
+        "udp://127.0.0.1:5557",
+        "tcp://127.0.0.1",
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:65536",
+        "tcp://127.0.0.1:x",
+        "tcp://*:5557",
+        "tcp://127.0.0.1:*",
+        "tcp://:5557",
+        "inproc://x",
+        "ipc://",
+        "tcp://a b:1",
+        "tcp://[::1:5557",
+    ],
 )
 def test_invalid_connect_endpoints(endpoint: str) -> None:
     with pytest.raises(ValueError):
@@ -121,8 +133,13 @@ def test_capture_replay_frames_parse(version: str) -> None:
 
 @pytest.mark.parametrize(
     "frames",
-    [[b"", b"\x00" * 8], [b"", b"t", b"\x00" * 8, b"p", b"x"], [b"x", b"\x00" * 8, b"p"],
-     [b"", b"\x00" * 7, b"p"], [b"", b"topic", b"\x00" * 9, b"p"]],
+    [
+        [b"", b"\x00" * 8],
+        [b"", b"t", b"\x00" * 8, b"p", b"x"],
+        [b"x", b"\x00" * 8, b"p"],
+        [b"", b"\x00" * 7, b"p"],
+        [b"", b"topic", b"\x00" * 9, b"p"],
+    ],
 )
 def test_bad_replay_frames(frames: list[bytes]) -> None:
     with pytest.raises(ValueError):

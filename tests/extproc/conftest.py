@@ -171,7 +171,7 @@ def scorer_url(capture: dict[str, Any], model: str, tokenizer_dir: str) -> Itera
 class _SlowHandler(BaseHTTPRequestHandler):
     delay = 0.5
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
+    def do_POST(self) -> None:
         length = int(self.headers.get("content-length", 0))
         self.rfile.read(length)
         time.sleep(self.delay)
@@ -208,4 +208,3 @@ def slow_scorer_url() -> Iterator[str]:
 def closed_url() -> str:
     """A URL on a port nothing listens on (connection refused)."""
     return f"http://127.0.0.1:{free_port()}"
-

@@ -60,4 +60,3 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.01)
     return bool(predicate())
-

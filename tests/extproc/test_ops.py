@@ -32,7 +32,9 @@ def test_metrics_exporter_and_health(scorer_url: str, model: str, prompt_text: d
     port = free_port()
 
     async def scenario() -> None:
-        config = ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, timeout_ms=5000, metrics_port=port, metrics_host="127.0.0.1")
+        config = ExtprocConfig(
+            endpoints=PODS, scorer_url=scorer_url, timeout_ms=5000, metrics_port=port, metrics_host="127.0.0.1"
+        )
         server = await start_picker(config)
         try:
             assert server.metrics_port == port
@@ -89,7 +91,9 @@ def test_cli_serves_until_sigterm(scorer_url: str, model: str, prompt_text: dict
     args = [sys.executable, "-c", code, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port),
             "--scorer-url", scorer_url, "--endpoint", PODS[0], "--endpoint", PODS[1], "--log-level", "WARNING"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "error"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).parents[2])
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).parents[2]
+    )
     try:
 
         async def scenario() -> str | None:
@@ -125,8 +129,20 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not an IP address" in capsys.readouterr().out
     assert main(["--scorer-url", "ftp://x"]) == 2
     args = build_parser().parse_args(
-        ["--endpoint", "10.0.0.1:8000", "--endpoint", "[fd00::1]:8000", "--max-inflight", "8", "--kv-weight", "2",
-         "--session-header", "X-User", "--release-on", "response_end"]  # fmt: skip
+        [
+            "--endpoint",
+            "10.0.0.1:8000",
+            "--endpoint",
+            "[fd00::1]:8000",
+            "--max-inflight",
+            "8",
+            "--kv-weight",
+            "2",
+            "--session-header",
+            "X-User",
+            "--release-on",
+            "response_end",
+        ]
     )
     config = build_config(args)
     assert config.endpoints == ["10.0.0.1:8000", "[fd00::1]:8000"]

@@ -34,7 +34,9 @@ def test_round_robin_on_ties_and_load_spreading(scorer_url: str, model: str) -> 
     run(scenario())
 
 
-def test_longest_prefix_wins_until_its_load_costs_more(scorer_url: str, model: str, prompt_text: dict[str, str]) -> None:
+def test_longest_prefix_wins_until_its_load_costs_more(
+    scorer_url: str, model: str, prompt_text: dict[str, str]
+) -> None:
     async def scenario(weights: PolicyWeights) -> list[str | None]:
         config = ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, timeout_ms=5000, weights=weights)
         server = await start_picker(config)
@@ -66,8 +68,14 @@ def test_sessions_stick(scorer_url: str, model: str) -> None:
         try:
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 body = completion_body(model, UNKNOWN)
-                a = [(await client.route("/v1/completions", body, headers={"x-session-id": "a"})).endpoint for _ in range(5)]
-                b = [(await client.route("/v1/completions", body, headers={"x-session-id": "b"})).endpoint for _ in range(5)]
+                a = [
+                    (await client.route("/v1/completions", body, headers={"x-session-id": "a"})).endpoint
+                    for _ in range(5)
+                ]
+                b = [
+                    (await client.route("/v1/completions", body, headers={"x-session-id": "b"})).endpoint
+                    for _ in range(5)
+                ]
                 assert len(set(a)) == 1 and len(set(b)) == 1
                 assert a[0] != b[0]  # the first picks alternated; each session then stayed
                 assert server.picker.stats()["decisions"] == {"round_robin": 2, "affinity": 8}
@@ -78,7 +86,9 @@ def test_sessions_stick(scorer_url: str, model: str) -> None:
     run(scenario())
 
 
-def test_session_moves_only_for_a_clearly_longer_prefix(scorer_url: str, model: str, prompt_text: dict[str, str]) -> None:
+def test_session_moves_only_for_a_clearly_longer_prefix(
+    scorer_url: str, model: str, prompt_text: dict[str, str]
+) -> None:
     async def scenario(margin: float) -> str | None:
         config = ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, timeout_ms=5000, affinity_margin=margin)
         server = await start_picker(config)
@@ -100,7 +110,9 @@ def test_session_moves_only_for_a_clearly_longer_prefix(scorer_url: str, model: 
 
 def test_session_leaves_an_overloaded_pod(scorer_url: str, model: str) -> None:
     async def scenario() -> None:
-        server = await start_picker(ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, timeout_ms=5000, affinity_max_load_gap=4))
+        server = await start_picker(
+            ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, timeout_ms=5000, affinity_max_load_gap=4)
+        )
         try:
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 body = completion_body(model, UNKNOWN)
@@ -122,11 +134,16 @@ def test_session_leaves_an_overloaded_pod(scorer_url: str, model: str) -> None:
 
 def test_session_header_is_configurable(scorer_url: str, model: str) -> None:
     async def scenario() -> None:
-        server = await start_picker(ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, session_header="X-Conversation"))
+        server = await start_picker(
+            ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, session_header="X-Conversation")
+        )
         try:
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 body = completion_body(model, UNKNOWN)
-                picks = {(await client.route("/v1/completions", body, headers={"x-conversation": "c"})).endpoint for _ in range(4)}
+                picks = {
+                    (await client.route("/v1/completions", body, headers={"x-conversation": "c"})).endpoint
+                    for _ in range(4)
+                }
                 assert len(picks) == 1
                 assert server.picker.session_endpoint("c") in PODS
         finally:
@@ -145,7 +162,10 @@ def test_fail_open_when_scorer_is_down(closed_url: str, model: str, prompt_text:
                 picks = [(await client.route("/v1/completions", body, mode="FULL_DUPLEX_STREAMED")) for _ in range(5)]
                 assert all(p.status is None and p.body == body for p in picks)
                 assert sorted(p.endpoint or "" for p in picks[:2]) == sorted(PODS)  # load + round-robin
-                sticky = {(await client.route("/v1/completions", body, headers={"x-session-id": "s"})).endpoint for _ in range(3)}
+                sticky = {
+                    (await client.route("/v1/completions", body, headers={"x-session-id": "s"})).endpoint
+                    for _ in range(3)
+                }
                 assert len(sticky) == 1  # affinity still holds without scores
             stats: dict[str, Any] = server.picker.stats()
             # Three failures open the breaker; later requests skip the dead scorer at once.
@@ -180,7 +200,9 @@ def test_scorer_rejection_routes_without_opening_the_breaker(scorer_url: str) ->
     """An unknown model is the scorer's 4xx: counted as rejected, routed, breaker closed."""
 
     async def scenario() -> None:
-        server = await start_picker(ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, breaker_failures=1, timeout_ms=5000))
+        server = await start_picker(
+            ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, breaker_failures=1, timeout_ms=5000)
+        )
         try:
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 for _ in range(3):

@@ -20,7 +20,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from kvindex_service.extproc import MAX_STREAMED_CHUNK, EnvoyClient, ExtprocConfig, start_picker
-from kvindex_service.extproc.server import DESTINATION_HEADER
 from tests.extproc.support import POD1, POD2, PODS, completion_body, run, wait_for
 
 Mode = processing_mode_pb2.ProcessingMode
@@ -99,7 +98,11 @@ def test_full_duplex_echoes_large_body(
             assert len(body) > 2 * MAX_STREAMED_CHUNK
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 r = await client.route(
-                    "/v1/completions", body, mode="FULL_DUPLEX_STREAMED", chunk_size=16_384, empty_last_chunk=empty_last_chunk
+                    "/v1/completions",
+                    body,
+                    mode="FULL_DUPLEX_STREAMED",
+                    chunk_size=16_384,
+                    empty_last_chunk=empty_last_chunk,
                 )
             assert r.endpoint == POD1
             assert r.body == body
@@ -144,7 +147,11 @@ def test_bad_requests_get_400(mode: str, scorer_url: str, model: str) -> None:
                 chat = json.dumps({"model": model, "messages": "hello"}).encode()
                 r = await client.route("/v1/chat/completions", chat, mode=mode)
                 assert r.status == 400
-                r = await client.route("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), mode=mode)
+                r = await client.route(
+                    "/v1/chat/completions",
+                    json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
+                    mode=mode,
+                )
                 assert r.status == 400
             assert server.picker.inflight() == {}
             assert server.picker.stats()["scorer_outcomes"] == {}
@@ -160,7 +167,11 @@ def test_empty_post_body_is_400_and_oversized_is_413(scorer_url: str, model: str
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 call = ep_grpc.ExternalProcessorStub(channel).Process(timeout=10)
-                await call.write(ep.ProcessingRequest(request_headers=_hdrs({":path": "/v1/completions", ":method": "POST"}, eos=True)))
+                await call.write(
+                    ep.ProcessingRequest(
+                        request_headers=_hdrs({":path": "/v1/completions", ":method": "POST"}, eos=True)
+                    )
+                )
                 resp = await _read(call)
                 assert resp.immediate_response.status.code == 400
                 assert await call.read() is grpc.aio.EOF
@@ -198,9 +209,13 @@ def test_no_endpoint_is_503(scorer_url: str, model: str, prompt_text: dict[str, 
     run(scenario())
 
 
-def test_shedding_429_when_every_endpoint_is_at_its_cap(scorer_url: str, model: str, prompt_text: dict[str, str]) -> None:
+def test_shedding_429_when_every_endpoint_is_at_its_cap(
+    scorer_url: str, model: str, prompt_text: dict[str, str]
+) -> None:
     async def scenario() -> None:
-        server = await start_picker(ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, max_inflight=1, timeout_ms=5000))
+        server = await start_picker(
+            ExtprocConfig(endpoints=PODS, scorer_url=scorer_url, max_inflight=1, timeout_ms=5000)
+        )
         try:
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 p1 = completion_body(model, prompt_text["P1"])
@@ -254,7 +269,9 @@ def test_header_values_in_value_field_are_accepted(scorer_url: str, model: str, 
     run(scenario())
 
 
-def test_duplex_request_trailers_and_response_passthrough(scorer_url: str, model: str, prompt_text: dict[str, str]) -> None:
+def test_duplex_request_trailers_and_response_passthrough(
+    scorer_url: str, model: str, prompt_text: dict[str, str]
+) -> None:
     """A duplex request ending with trailers (body without end_of_stream), then a response
     whose body Envoy streams full-duplex too: both pass through unchanged, in order."""
 
@@ -280,7 +297,9 @@ def test_duplex_request_trailers_and_response_passthrough(scorer_url: str, model
                 await call.write(ep.ProcessingRequest(request_trailers=ep.HttpTrailers()))
                 answers = [await _read(call) for _ in range(3)]
                 assert _kinds(answers) == ["request_headers", "request_body", "request_trailers"]
-                assert answers[0].request_headers.response.header_mutation.set_headers[0].header.raw_value == POD1.encode()
+                assert (
+                    answers[0].request_headers.response.header_mutation.set_headers[0].header.raw_value == POD1.encode()
+                )
                 sr = answers[1].request_body.response.body_mutation.streamed_response
                 assert sr.body == body and not sr.end_of_stream
                 assert server.picker.inflight() == {POD1: 1}
@@ -320,9 +339,13 @@ def test_protocol_errors_map_to_invalid_argument(scorer_url: str) -> None:
                 assert "before request_headers" in (err.value.details() or "")
 
                 call = stub.Process(timeout=10)
-                await call.write(ep.ProcessingRequest(request_headers=_hdrs({":path": "/x", ":method": "GET"}, eos=True)))
+                await call.write(
+                    ep.ProcessingRequest(request_headers=_hdrs({":path": "/x", ":method": "GET"}, eos=True))
+                )
                 await _read(call)
-                await call.write(ep.ProcessingRequest(request_headers=_hdrs({":path": "/x", ":method": "GET"}, eos=True)))
+                await call.write(
+                    ep.ProcessingRequest(request_headers=_hdrs({":path": "/x", ":method": "GET"}, eos=True))
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call.read()
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -330,7 +353,9 @@ def test_protocol_errors_map_to_invalid_argument(scorer_url: str) -> None:
                 # A message with no request field (a newer Envoy's) is skipped, not fatal.
                 call = stub.Process(timeout=10)
                 await call.write(ep.ProcessingRequest())
-                await call.write(ep.ProcessingRequest(request_headers=_hdrs({":path": "/x", ":method": "GET"}, eos=True)))
+                await call.write(
+                    ep.ProcessingRequest(request_headers=_hdrs({":path": "/x", ":method": "GET"}, eos=True))
+                )
                 assert (await _read(call)).request_headers.response.clear_route_cache
                 await call.done_writing()
                 assert await call.read() is grpc.aio.EOF
@@ -354,7 +379,10 @@ def test_inflight_returns_to_zero(scorer_url: str, model: str, prompt_text: dict
             target = f"127.0.0.1:{server.port}"
             async with EnvoyClient(target) as client:
                 body = completion_body(model, prompt_text["P1"])
-                held = [await client.route("/v1/completions", body, mode=m, complete=False) for m in ("BUFFERED", "STREAMED", "FULL_DUPLEX_STREAMED")]
+                held = [
+                    await client.route("/v1/completions", body, mode=m, complete=False)
+                    for m in ("BUFFERED", "STREAMED", "FULL_DUPLEX_STREAMED")
+                ]
                 assert picker.total_inflight() == 3
                 await held[0].finish()
                 assert picker.total_inflight() == 2

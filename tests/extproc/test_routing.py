@@ -89,7 +89,9 @@ def test_token_id_prompt_in_process(scoring_service: Any, model: str, capture: d
     """``prompt`` given as token ids (vLLM accepts them) is scored as ids, no tokenizer."""
 
     async def scenario() -> None:
-        server = await start_picker(ExtprocConfig(endpoints=PODS), scorer=InProcessScorer(scoring_service, timeout_ms=5000))
+        server = await start_picker(
+            ExtprocConfig(endpoints=PODS), scorer=InProcessScorer(scoring_service, timeout_ms=5000)
+        )
         try:
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 for name, want in EXPECTED.items():

@@ -53,9 +53,7 @@ def _cbor(obj: object) -> bytes:
 class RefTokenProcessor:
     """Token ids -> chained 64-bit block keys, the vLLM ``hash_block_tokens`` way."""
 
-    def __init__(
-        self, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor"
-    ) -> None:
+    def __init__(self, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor") -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if algorithm not in REFERENCE_ALGORITHMS:
@@ -74,9 +72,7 @@ class RefTokenProcessor:
             return self._root.to_bytes(8, "big")
         return self._root
 
-    def extra_keys(
-        self, block_index: int, lora_name: str | None, cache_salt: str | None
-    ) -> list[str] | None:
+    def extra_keys(self, block_index: int, lora_name: str | None, cache_salt: str | None) -> list[str] | None:
         """vLLM's per-block extras: LoRA name on every block, cache_salt on block 0 only;
         None (CBOR null) when there is nothing.
 
@@ -105,9 +101,7 @@ class RefTokenProcessor:
         bs = self.block_size
         for i in range(len(token_ids) // bs):
             block = list(token_ids[i * bs : (i + 1) * bs])
-            digest = hashlib.sha256(
-                _cbor([parent, block, self.extra_keys(i, lora_name, cache_salt)])
-            ).digest()
+            digest = hashlib.sha256(_cbor([parent, block, self.extra_keys(i, lora_name, cache_salt)])).digest()
             parent = last8(digest) if self.algorithm == "sha256_cbor_64bit" else digest
             out.append(parent)
         return out
@@ -185,14 +179,9 @@ class RefIndex:
     def tiers_of(self, pod: str, model: str, key: int) -> set[str]:
         return {t for p, t in self.entries.get((model, key), ()) if p == pod}
 
-    def lookup(
-        self, model: str, keys: Sequence[int], pods: Sequence[str] | None = None
-    ) -> list[set[tuple[str, str]]]:
+    def lookup(self, model: str, keys: Sequence[int], pods: Sequence[str] | None = None) -> list[set[tuple[str, str]]]:
         allowed = None if pods is None else set(pods)
-        return [
-            {e for e in self.entries.get((model, k), ()) if allowed is None or e[0] in allowed}
-            for k in keys
-        ]
+        return [{e for e in self.entries.get((model, k), ()) if allowed is None or e[0] in allowed} for k in keys]
 
     def pods(self) -> set[str]:
         return {p for holders in self.entries.values() for p, _ in holders}
@@ -228,9 +217,7 @@ class RefIndex:
                 tier_blocks[tier] = run
         return RefPodScore(pod, matched, matched * self.block_size, score, tier_blocks)
 
-    def score_keys(
-        self, model: str, keys: Sequence[int], pods: Sequence[str] | None = None
-    ) -> RefScoreResult:
+    def score_keys(self, model: str, keys: Sequence[int], pods: Sequence[str] | None = None) -> RefScoreResult:
         if pods is None:
             candidates = {p for p, _ in self.entries.get((model, keys[0]), ())} if keys else set()
         else:
@@ -242,9 +229,7 @@ class RefIndex:
         return RefScoreResult(scores, len(keys), len(keys) * self.block_size)
 
 
-def assert_same_scores(
-    got: ScoreResult, want: RefScoreResult, *, tokens: int | None = None
-) -> None:
+def assert_same_scores(got: ScoreResult, want: RefScoreResult, *, tokens: int | None = None) -> None:
     """Native scores equal the model's, including order and per-tier runs. `tokens`: the
     prompt length when `got` came from `score()` (the model only knows block keys)."""
     assert got.total_blocks == want.total_blocks

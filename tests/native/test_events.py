@@ -145,8 +145,7 @@ def apply_to_ref(ref: RefIndex, pod: str, model: str, decoded: list[Any]) -> Non
         else:
             kind = ev[0]
             names = {
-                "BlockStored": ["block_hashes", "parent_block_hash", "token_ids", "block_size",
-                                "lora_id", "medium"],
+                "BlockStored": ["block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium"],
                 "BlockRemoved": ["block_hashes", "medium"],
                 "AllBlocksCleared": [],
             }[kind]
@@ -326,9 +325,7 @@ def test_store_remove_clear_both_encodings(as_map: bool) -> None:
     ix = new_indexer()
     res = ix.apply("p", MODEL, batch([stored(KEYS[:2], None, TOKENS[:32], as_map=as_map)]), 0)
     assert (res.events, res.stored_blocks) == (1, 2)
-    res = ix.apply(
-        "p", MODEL, batch([stored(KEYS[2:], KEYS[1], TOKENS[32:], medium="CPU", as_map=as_map)]), 1
-    )
+    res = ix.apply("p", MODEL, batch([stored(KEYS[2:], KEYS[1], TOKENS[32:], medium="CPU", as_map=as_map)]), 1)
     assert res.stored_blocks == 2
     assert matched(ix, "p") == 4
     assert ix.pod_state("p").blocks_by_tier == {"GPU": 2, "CPU": 2}  # type: ignore[union-attr]
@@ -360,16 +357,26 @@ def test_unknown_fields_and_event_types() -> None:
     ix = new_indexer()
     # lora_name, extra_keys, group_idx, kv_cache_spec_kind, sliding_window, locality, ownership,
     # session_id, lookahead_token_ids, then a field from the future.
-    future_array = [*stored(KEYS, None, TOKENS, medium="GPU"), None, None, 0, "full_attention",
-                    None, "local", "owned", "sess-1", [1, 2, 3], {"new": "thing"}]
+    future_array = [
+        *stored(KEYS, None, TOKENS, medium="GPU"),
+        None,
+        None,
+        0,
+        "full_attention",
+        None,
+        "local",
+        "owned",
+        "sess-1",
+        [1, 2, 3],
+        {"new": "thing"},
+    ]
     future_map = {**stored(KEYS, None, TOKENS, as_map=True), "ownership": "x", "zzz": [1, {"a": 2}]}
     events = [
         {"type": "BlockMoved", "block_hashes": KEYS},
         ["SomethingElse", 1, 2, 3],
         future_array,
         future_map,
-        {"type": "BlockRemoved", "block_hashes": [KEYS[3]], "medium": "GPU", "locality": "remote",
-         "unknown": None},
+        {"type": "BlockRemoved", "block_hashes": [KEYS[3]], "medium": "GPU", "locality": "remote", "unknown": None},
     ]
     res = ix.apply("p", MODEL, batch(events), 0)
     assert res.unknown_event_types == 2
@@ -400,9 +407,7 @@ def test_bad_event_does_not_sink_batch() -> None:
     ix.close()
 
 
-HASH_FORMS_SMALL = [
-    "fixint", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64"
-]
+HASH_FORMS_SMALL = ["fixint", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64"]
 
 
 @pytest.mark.parametrize("store_form", HASH_FORMS_SMALL)
@@ -411,9 +416,7 @@ def test_integer_widths_are_one_hash(store_form: str, remove_form: str) -> None:
     """Small engine hashes (not equal to our keys) in every width go through the bridge."""
     ix = new_indexer()
     engine = [11, 22, 33, 44]
-    res = ix.apply(
-        "p", MODEL, batch([stored([int_as(h, store_form) for h in engine], None, TOKENS)]), 0
-    )
+    res = ix.apply("p", MODEL, batch([stored([int_as(h, store_form) for h in engine], None, TOKENS)]), 0)
     assert res.stored_blocks == 4
     state = ix.pod_state("p")
     assert state is not None and state.hashes_match is False and state.bridge_entries == 4
@@ -705,4 +708,3 @@ def _mutate(data: bytes, cut: int, flips: list[tuple[int, int]]) -> bytes:
     for pos, value in flips:
         buf[pos] = value
     return bytes(buf[:cut]) if cut < len(buf) else bytes(buf)
-

@@ -56,9 +56,7 @@ def test_hash_vectors(case: dict[str, Any]) -> None:
         assert tp.none_hash() == bytes.fromhex(case["none_hash"])
         assert ref.none_hash() == bytes.fromhex(case["none_hash"])
         digests = ref.block_digests(case["tokens"])
-        assert [bytes(d).hex() for d in digests if isinstance(d, bytes)] == [
-            b["digest_hex"] for b in case["blocks"]
-        ]
+        assert [bytes(d).hex() for d in digests if isinstance(d, bytes)] == [b["digest_hex"] for b in case["blocks"]]
         # The event value is the last 8 digest bytes, big-endian.
         assert [last8(bytes.fromhex(b["digest_hex"])) for b in case["blocks"]] == expected
         if "block0_cbor_hex" in case:

@@ -356,10 +356,7 @@ def test_concurrent_writers_and_readers_match_model() -> None:
     errors: list[BaseException] = []
     stop = threading.Event()
     readers = [threading.Thread(target=_reader, args=(ix, stop, errors)) for _ in range(2)]
-    writers = [
-        threading.Thread(target=_writer, args=(ix, refs[pod], pod, i, errors))
-        for i, pod in enumerate(PODS)
-    ]
+    writers = [threading.Thread(target=_writer, args=(ix, refs[pod], pod, i, errors)) for i, pod in enumerate(PODS)]
     for t in readers + writers:
         t.start()
     for t in writers:

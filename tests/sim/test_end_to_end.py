@@ -27,8 +27,9 @@ def _run(tmp_path: Path, name: str, *extra: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(tmp_path_factory.mktemp("sim"), "a", "--seed", "5", "--plot",
-                str(tmp_path_factory.getbasetemp() / "sim.png"))
+    return _run(
+        tmp_path_factory.mktemp("sim"), "a", "--seed", "5", "--plot", str(tmp_path_factory.getbasetemp() / "sim.png")
+    )
 
 
 def test_kvindex_beats_round_robin_and_tracks_the_oracle(report: dict[str, Any]) -> None:

@@ -88,8 +88,7 @@ def test_unknown_router_is_a_clear_error() -> None:
 
 def test_replay_router_answers_in_vllm_format() -> None:
     ctx = zmq.Context()
-    pub = EventPublisher(ctx, "127.0.0.1:18009", "m", replay_endpoint="tcp://127.0.0.1:*",
-                         buffer_steps=3)
+    pub = EventPublisher(ctx, "127.0.0.1:18009", "m", replay_endpoint="tcp://127.0.0.1:*", buffer_steps=3)
     dealer = ctx.socket(zmq.DEALER)
     try:
         for t in range(5):

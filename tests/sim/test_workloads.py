@@ -46,7 +46,9 @@ def test_mooncake_trace_equal_hash_ids_give_equal_tokens() -> None:
     records = load_mooncake_trace(MOONCAKE_TRACE)
     assert len(records) == 3993
     reqs = mooncake_requests(records[:200], seed=1)
-    assert [r.prompt_len for r in reqs] == [rec.input_length for rec in sorted(records[:200], key=lambda r: r.timestamp_ms)]
+    assert [r.prompt_len for r in reqs] == [
+        rec.input_length for rec in sorted(records[:200], key=lambda r: r.timestamp_ms)
+    ]
     first = sorted(records[:200], key=lambda r: r.timestamp_ms)
     # two requests whose first hash id agree share their first 512 tokens, and vice versa
     for i in range(len(first) - 1):

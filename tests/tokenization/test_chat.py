@@ -103,9 +103,7 @@ def test_text_parts_are_joined_with_newlines(pool: TokenizerPool) -> None:
         {"type": "text", "text": "Last"},
     ]
     plain = [{"role": "user", "content": "First part.\nbare string\nLast"}]
-    assert pool.render_chat(MODEL, [{"role": "user", "content": parts}]) == pool.render_chat(
-        MODEL, plain
-    )
+    assert pool.render_chat(MODEL, [{"role": "user", "content": parts}]) == pool.render_chat(MODEL, plain)
     # None content renders as empty text.
     rendered = pool.render_chat(MODEL, [{"role": "user", "content": None}])
     assert "<|start_header_id|>user<|end_header_id|>\n\n<|eot_id|>" in rendered
@@ -156,7 +154,7 @@ def test_tools_in_first_user_message_tool_call_and_result(pool: TokenizerPool) -
         "Given the following functions, please respond with a JSON for a function call with "
         "its proper arguments that best answers the given prompt.\n\n"
         'Respond in the format {"name": function name, "parameters": dictionary of argument '
-        'name and its value}.Do not use variables.\n\n' + spec + "\n\n"
+        "name and its value}.Do not use variables.\n\n" + spec + "\n\n"
         "Weather in Zürich?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
         '{"name": "get_weather", "parameters": {"city": "Zürich"}}<|eot_id|>'
@@ -168,9 +166,7 @@ def test_tools_in_first_user_message_tool_call_and_result(pool: TokenizerPool) -
 
 def test_tools_in_system_message(pool: TokenizerPool) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    rendered = pool.render_chat(
-        MODEL, messages, tools=TOOLS, chat_template_kwargs={"tools_in_user_message": False}
-    )
+    rendered = pool.render_chat(MODEL, messages, tools=TOOLS, chat_template_kwargs={"tools_in_user_message": False})
     assert rendered.startswith(
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
         "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
@@ -200,9 +196,7 @@ def test_chat_tokens_have_one_bos(pool: TokenizerPool, reference) -> None:
 
 def test_continue_final_message(pool: TokenizerPool) -> None:
     messages = [*SYSTEM_USER_ASSISTANT[:2], {"role": "assistant", "content": "The capital is "}]
-    rendered = pool.render_chat(
-        MODEL, messages, add_generation_prompt=False, continue_final_message=True
-    )
+    rendered = pool.render_chat(MODEL, messages, add_generation_prompt=False, continue_final_message=True)
     assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nThe capital is")
     with pytest.raises(TokenizationError):
         pool.render_chat(MODEL, messages, continue_final_message=True)
@@ -256,9 +250,7 @@ def test_template_from_tokenizer_config_string(tmp_path: Path, llama3_dir: Path)
         assert pool.tokenizer_info("m")["chat_template"] == "tokenizer_config.json"
 
 
-def test_template_list_default_wins_and_tool_use_with_tools(
-    tmp_path: Path, llama3_dir: Path
-) -> None:
+def test_template_list_default_wins_and_tool_use_with_tools(tmp_path: Path, llama3_dir: Path) -> None:
     templates = [
         {"name": "rag", "template": "RAG"},
         {"name": "default", "template": "DEFAULT"},
@@ -353,9 +345,7 @@ def test_broken_or_unsafe_templates(tmp_path: Path, llama3_dir: Path, template: 
 
 
 def test_tojson_keeps_non_ascii_and_takes_arguments(tmp_path: Path, llama3_dir: Path) -> None:
-    template = (
-        "{{ messages[0]['content'] | tojson }} {{ {'b': 1, 'a': [1]} | tojson(sort_keys=true) }}"
-    )
+    template = "{{ messages[0]['content'] | tojson }} {{ {'b': 1, 'a': [1]} | tojson(sort_keys=true) }}"
     rendered = _render(tmp_path, llama3_dir, template, [{"role": "user", "content": "café <b>"}])
     assert rendered == '"café <b>" {"a": [1], "b": 1}'
 

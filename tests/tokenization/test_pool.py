@@ -98,9 +98,7 @@ def test_hf_cache_resolution(tmp_path: Path, llama3_dir: Path, reference) -> Non
         assert "aaa111" in pool.tokenizer_info("alias")["tokenizer_json"]  # refs/main wins
 
 
-def test_hf_cache_location_from_environment(
-    tmp_path: Path, llama3_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hf_cache_location_from_environment(tmp_path: Path, llama3_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -160,9 +158,8 @@ def test_invalid_arguments(llama3_dir: Path) -> None:
         TokenizerPool(mode="approximate")
     with pytest.raises(ValueError):
         TokenizerPool(max_workers=0)
-    with TokenizerPool({"m": str(llama3_dir)}) as pool:
-        with pytest.raises(TokenizationError):
-            pool.tokenize("m", b"bytes")  # type: ignore[arg-type]
+    with TokenizerPool({"m": str(llama3_dir)}) as pool, pytest.raises(TokenizationError):
+        pool.tokenize("m", b"bytes")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):
         pool.tokenize("m", "closed")
 
@@ -188,9 +185,7 @@ def test_fast_mode_partial_first_then_exact(llama3_dir: Path, reference) -> None
         exact_longer = reference(longer)
         assert exact_longer[: len(partial.token_ids)] == partial.token_ids  # always a prefix
         assert pool.wait_background(30)
-        assert pool.tokenize(MODEL, longer) == Tokenized(
-            exact_longer, True, len(exact_longer) - 1, True
-        )
+        assert pool.tokenize(MODEL, longer) == Tokenized(exact_longer, True, len(exact_longer) - 1, True)
 
         # A short tail is tokenized on the spot: exact at once.
         short = longer + " and a few more words."

@@ -137,9 +137,7 @@ def test_every_cached_cut_point_gives_exact_tokens(pool: TokenizerPool, referenc
 
 
 @pytest.mark.parametrize("name", ["mixed", "whitespace", "chat"])
-def test_cached_text_that_forks_anywhere_gives_exact_tokens(
-    pool: TokenizerPool, reference, name
-) -> None:
+def test_cached_text_that_forks_anywhere_gives_exact_tokens(pool: TokenizerPool, reference, name) -> None:
     """Cache text[:a] + another continuation, then ask for text: the two texts fork at a."""
     text = ALL[name]
     expected = reference(text, False)
@@ -158,9 +156,7 @@ def test_prefix_of_a_cached_text_is_exact(pool: TokenizerPool, reference, name) 
     for b in range(0, len(text), 7):
         pool.clear_prefix_store()
         pool.tokenize(MODEL, text, add_special_tokens=False)
-        assert pool.tokenize(MODEL, text[:b], add_special_tokens=False).token_ids == reference(
-            text[:b], False
-        )
+        assert pool.tokenize(MODEL, text[:b], add_special_tokens=False).token_ids == reference(text[:b], False)
 
 
 def test_conversation_growing_turn_by_turn(pool: TokenizerPool, reference) -> None:

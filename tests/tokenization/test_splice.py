@@ -79,9 +79,7 @@ def test_every_rule_position_is_a_boundary_and_exact(tokenizers, variant: str, n
         assert len(text[:pos].encode("utf-8")) in boundaries, (name, pos, text[pos - 10 : pos + 10])
     if len(positions) > 250:  # keep the run short: a deterministic sample of the long texts
         positions = random.Random(7).sample(positions, 250)
-    suffixes = lt.tokenizer.encode_batch(
-        [text[pos:] for pos in positions], add_special_tokens=False
-    )
+    suffixes = lt.tokenizer.encode_batch([text[pos:] for pos in positions], add_special_tokens=False)
     full = ids.tolist()
     for pos, suffix in zip(positions, suffixes, strict=True):
         k = starts.index(len(text[:pos].encode("utf-8")))
@@ -153,9 +151,9 @@ def test_token_byte_offsets_match_the_tokenizer(tokenizers) -> None:
         assert starts[-1] == len(text.encode("utf-8"))
         for i, (start, _end) in enumerate(enc.offsets):
             # A multi-byte character split over several tokens shares one char offset.
-            assert len(text[:start].encode("utf-8")) <= starts[i] < len(
-                text[: start + 1].encode("utf-8")
-            ) or starts[i] == len(text[:start].encode("utf-8"))
+            assert len(text[:start].encode("utf-8")) <= starts[i] < len(text[: start + 1].encode("utf-8")) or starts[
+                i
+            ] == len(text[:start].encode("utf-8"))
 
 
 def test_encode_matches_plain_encode(tokenizers) -> None:

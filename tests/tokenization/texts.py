@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json.decoder
-
 from pydoc_data.topics import topics
 
 
@@ -57,6 +56,7 @@ CHAT_LIKE = (
     "<|start_header_id|>user<|end_header_id|>\n\nAnd the second parcel?<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
+
 
 def _whitespace_zoo() -> str:
     """Every run of one to three whitespace characters (of seven kinds) between words and

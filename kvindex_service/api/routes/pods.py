@@ -101,9 +101,7 @@ async def add_pod(request: Request, runtime: RuntimeDep) -> JSONResponse:
             raise BadEndpointError(f"bad {what} {ep!r}: {exc}") from None
     for existing in sub.endpoints():
         if existing.endpoint == req.endpoint or (req.pod_id and existing.pod_id == req.pod_id):
-            raise PodConflictError(
-                f"already subscribed: endpoint {existing.endpoint!r}, pod id {existing.pod_id!r}"
-            )
+            raise PodConflictError(f"already subscribed: endpoint {existing.endpoint!r}, pod id {existing.pod_id!r}")
     try:
         # Off the event loop: the subscriber's loop thread does the connect and answers.
         added = await asyncio.to_thread(
