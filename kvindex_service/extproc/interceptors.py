@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 if TYPE_CHECKING:
-    from kvindex_service.extproc.server import StreamStats
+    from kvindex_service.extproc.stats import StreamStats
 
 __all__ = ["ErrorMappingInterceptor", "ProtocolError"]
 

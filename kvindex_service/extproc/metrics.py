@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from kvindex_service.extproc.picker import Picker
-    from kvindex_service.extproc.server import StreamStats
+    from kvindex_service.extproc.stats import StreamStats
 
 __all__ = ["PickerMetrics"]
 

@@ -32,9 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -51,6 +49,7 @@ from kvindex_service.extproc.metrics import PickerMetrics
 from kvindex_service.extproc.picker import Decision, Lease, Picker
 from kvindex_service.extproc.prompt import BadRequest, PromptQuery, is_scored_path, parse_body, route_path
 from kvindex_service.extproc.scorer_client import HttpScorer, Scorer
+from kvindex_service.extproc.stats import StreamStats
 
 __all__ = [
     "DESTINATION_HEADER",
@@ -79,19 +78,6 @@ _STREAMED = _Mode.STREAMED
 _BUFFERED_PARTIAL = _Mode.BUFFERED_PARTIAL
 _DUPLEX = _Mode.FULL_DUPLEX_STREAMED
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-
-
-@dataclass(slots=True)
-class StreamStats:
-    """Stream-level counters (read by the metrics collector)."""
-
-    opened: int = 0
-    active: int = 0
-    cancelled: int = 0
-    protocol_errors: int = 0
-    internal_errors: int = 0
-    skipped_messages: int = 0
-    bad_requests: Counter[int] = field(default_factory=Counter)
 
 
 def _header_value(h: base_pb2.HeaderValue) -> str:

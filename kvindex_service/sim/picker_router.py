@@ -21,7 +21,7 @@ from kvindex_service.extproc import EnvoyClient, ExtprocConfig, InProcessScorer,
 from kvindex_service.scoring import ScoringService
 from kvindex_service.tokenization import TokenizerPool
 
-from .routers import FleetView, KvindexDirectRouter
+from .policies import FleetView, KvindexDirectRouter
 from .workloads import Request
 
 __all__ = ["KvindexPickerRouter"]
