@@ -1,4 +1,11 @@
-"""The README is true: every Python example in it runs and its assertions hold."""
+"""The README is true: every Python example in it runs and its assertions hold.
+
+Every block fenced ```` ```python ```` in README.md is a runnable example and is executed here.
+Anything that is not a runnable example (shell sessions, output, snippets that need a GPU,
+vLLM or a cluster) must be fenced with another tag: ``sh``, ``bash``, ``text``, ``json``,
+``yaml``. The pages under docs/, the links and the documented CLI flags and settings are
+checked in ``tests/test_docs.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
 
 
 def test_readme_has_python_examples() -> None:
