@@ -11,6 +11,7 @@
 * Every flag of ``kvindex serve|extproc|simulate`` is documented, and every ``kvindex <command>
   --flag`` written in the docs is a real flag of that command.
 * Every setting of the service and of the picker appears in docs/configuration.md.
+* Every table has body rows, each with as many cells as its header.
 """
 
 from __future__ import annotations
@@ -227,3 +228,25 @@ def test_every_setting_is_documented() -> None:
         if f"`{key}`" not in text and not (section and f"`{section}." in text and f"`{leaf}`" in text):
             missing.append(key)
     assert not missing, f"settings missing from docs/configuration.md: {missing}"
+
+
+def _cells(row: str) -> int:
+    return len(_INLINE_CODE.sub("code", row).strip().strip("|").split("|"))
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=[p.name for p in MARKDOWN])
+def test_tables_are_well_formed(path: Path) -> None:
+    _, prose = split_fences(path.read_text(encoding="utf-8"))
+    lines = prose.splitlines()
+    for i, line in enumerate(lines):
+        if not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", line.strip()):
+            continue
+        header = _cells(lines[i - 1])
+        body = []
+        for row in lines[i + 1 :]:
+            if not row.startswith("|"):
+                break
+            body.append(row)
+        assert body, f"{path.name}: table without rows under {lines[i - 1]!r}"
+        for row in body:
+            assert _cells(row) == header, f"{path.name}: {row!r} has {_cells(row)} cells, header {header}"
