@@ -14,22 +14,23 @@ __all__ = [
     "BadEndpointError",
     "BodyTooLargeError",
     "InvalidRequestError",
-    "KvindexServiceError",
     "NotReadyError",
     "PodConflictError",
     "PodNotFoundError",
+    "ServiceError",
     "error_body",
 ]
 
 
-class KvindexServiceError(Exception):
-    """Base class: ``status`` is the HTTP status a transport should answer with."""
+class ServiceError(Exception):
+    """Base class of the service's own errors (the core's derive from ``KvIndexError``);
+    ``status`` is the HTTP status a transport should answer with."""
 
     status: int = 500
     type: str = "internal_error"
 
 
-class PodNotFoundError(KvindexServiceError, LookupError):
+class PodNotFoundError(ServiceError, LookupError):
     status = 404
     type = "pod_not_found"
 
@@ -38,17 +39,17 @@ class PodNotFoundError(KvindexServiceError, LookupError):
         super().__init__(f"unknown pod {pod!r}")
 
 
-class PodConflictError(KvindexServiceError, ValueError):
+class PodConflictError(ServiceError, ValueError):
     status = 409
     type = "pod_conflict"
 
 
-class BadEndpointError(KvindexServiceError, ValueError):
+class BadEndpointError(ServiceError, ValueError):
     status = 400
     type = "bad_endpoint"
 
 
-class BodyTooLargeError(KvindexServiceError, ValueError):
+class BodyTooLargeError(ServiceError, ValueError):
     status = 413
     type = "body_too_large"
 
@@ -57,7 +58,7 @@ class BodyTooLargeError(KvindexServiceError, ValueError):
         super().__init__(f"request body exceeds the limit of {limit} bytes")
 
 
-class NotReadyError(KvindexServiceError, RuntimeError):
+class NotReadyError(ServiceError, RuntimeError):
     status = 503
     type = "not_ready"
 
@@ -70,7 +71,7 @@ def error_body(type_: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": err}
 
 
-class InvalidRequestError(KvindexServiceError, ValueError):
+class InvalidRequestError(ServiceError, ValueError):
     """A well-formed request the service cannot honour (e.g. a block size it does not use)."""
 
     status = 400

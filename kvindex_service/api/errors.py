@@ -8,7 +8,7 @@ single place: ``{"error": {"type": ..., "message": ...[, "details": ...]}}``.
 | TokenizationError (template, encode...) | 400    | tokenization_error   |
 | UnknownModelError                       | 404    | unknown_model        |
 | native InvalidInputError                | 400    | invalid_input        |
-| KvindexServiceError subclasses          | own    | own                  |
+| ServiceError subclasses                 | own    | own                  |
 | Starlette HTTPException (404 route...)  | same   | http_error           |
 | anything else                           | 500    | internal_error       |
 
@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvindex_service._native import InvalidInputError
 from kvindex_service.api.body import MalformedJSONError
-from kvindex_service.errors import KvindexServiceError, error_body
+from kvindex_service.errors import ServiceError, error_body
 from kvindex_service.tokenization import TokenizationError, UnknownModelError
 
 __all__ = ["install_exception_handlers"]
@@ -89,7 +89,7 @@ async def _invalid_input(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _service(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, KvindexServiceError)
+    assert isinstance(exc, ServiceError)
     return _reply(exc.status, exc.type, str(exc))
 
 
@@ -120,6 +120,6 @@ def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UnknownModelError, _unknown_model)
     app.add_exception_handler(TokenizationError, _tokenization)
     app.add_exception_handler(InvalidInputError, _invalid_input)
-    app.add_exception_handler(KvindexServiceError, _service)
+    app.add_exception_handler(ServiceError, _service)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)
