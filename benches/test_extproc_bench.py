@@ -76,7 +76,7 @@ def stack() -> Iterator[dict[str, Any]]:
     ix = Indexer(block_size=16)
     pool = TokenizerPool({MODEL: tok_dir})
     n_tokens = _store(ix, pool)
-    service = ScoringService(ix, pool, block_size=16)
+    service = ScoringService(ix, pool)
 
     import uvicorn
 

@@ -113,13 +113,13 @@ class Runtime:
             replay_backoff=z.replay_backoff,
         )
         self.subscriber.start()
-        self.scoring = ScoringService(self.indexer, self.tokenizers, block_size=ix.block_size, metrics=self.metrics)
+        self.scoring = ScoringService(self.indexer, self.tokenizers, metrics=self.metrics)
         logger.info(
             "runtime started",
             extra={
                 "zmq_bind": self.subscriber.bound_endpoint,
                 "pods": len(z.pods),
-                "block_size": ix.block_size,
+                "block_size": self.indexer.block_size,
                 "hash_algo": ix.hash_algo,
                 "tokenizer_models": len(self.tokenizers.models()),
             },

@@ -143,7 +143,8 @@ class ScoringService:
     """Tokenize (off the event loop) and score against the index.
 
     ``tokenizers`` may be None when only token ids will be scored. ``metrics`` records score
-    and tokenization latency when given.
+    and tokenization latency when given. The block size is the indexer's; ``block_size``, if
+    given, must agree with it.
     """
 
     def __init__(
@@ -151,14 +152,20 @@ class ScoringService:
         indexer: Indexer,
         tokenizers: TokenizerPool | None,
         *,
-        block_size: int,
+        block_size: int | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
+        if block_size is not None and block_size != indexer.block_size:
+            raise ValueError(f"block_size {block_size} does not match the indexer's {indexer.block_size}")
         self.indexer = indexer
         self.tokenizers = tokenizers
-        self.block_size = block_size
         self._score_hist = None if metrics is None else metrics.score_seconds
         self._tok_hist = None if metrics is None else metrics.tokenize_seconds
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block: the indexer owns it."""
+        return self.indexer.block_size
 
     # -- tokenization ---------------------------------------------------------------------
     def _pool(self, model: str) -> TokenizerPool:
@@ -180,22 +187,6 @@ class ScoringService:
         else:
             kind = "chat"
             tok = await pool.atokenize_chat(req.model, req.message_dicts(), **_render_kwargs(req))
-        if self._tok_hist is not None:
-            self._tok_hist.labels(kind).observe(time.perf_counter() - t0)
-        return tok
-
-    def tokenize(self, req: ScoreRequest) -> Tokenized | None:
-        """Synchronous twin of :meth:`atokenize`, for callers on their own threads."""
-        if req.token_ids is not None:
-            return None
-        pool = self._pool(req.model)
-        t0 = time.perf_counter()
-        if req.prompt is not None:
-            kind = "text"
-            tok = pool.tokenize(req.model, req.prompt_text(), add_special_tokens=req.add_special_tokens)
-        else:
-            kind = "chat"
-            tok = pool.tokenize_chat(req.model, req.message_dicts(), **_render_kwargs(req))
         if self._tok_hist is not None:
             self._tok_hist.labels(kind).observe(time.perf_counter() - t0)
         return tok
@@ -235,21 +226,8 @@ class ScoringService:
             result = await asyncio.to_thread(self.score_tokens, req.model, ids, **kwargs)
         return Scored(req, result, tok)
 
-    def evaluate_sync(self, req: ScoreRequest) -> Scored:
-        tok = self.tokenize(req)
-        ids = req.token_ids if tok is None else tok.token_ids
-        assert ids is not None
-        result = self.score_tokens(
-            req.model, ids, lora_name=req.lora_name, cache_salt=req.cache_salt,
-            pods=req.pods, input_kind=req.input_kind,
-        )  # fmt: skip
-        return Scored(req, result, tok)
-
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         return self.present(await self.evaluate(req))
-
-    def score_sync(self, req: ScoreRequest) -> ScoreResponse:
-        return self.present(self.evaluate_sync(req))
 
     def present(self, scored: Scored) -> ScoreResponse:
         """The documented ``/score`` answer for a native result."""
@@ -261,7 +239,7 @@ class ScoringService:
                 matched_blocks=s.matched_blocks,
                 matched_tokens=s.matched_tokens,
                 score=s.score,
-                fraction=(s.matched_blocks / total) if total else 0.0,
+                fraction=_block_share(s.matched_blocks, total),
                 tiers=dict(s.tier_blocks),
             )
             for s in result.scores
@@ -278,6 +256,12 @@ class ScoringService:
             exact=tok.exact if tok else True,
             scores=scores,
         )
+
+
+def _block_share(matched_blocks: int, total_blocks: int) -> float:
+    """The ``fraction`` of ``/score``: share of the prompt's full blocks held, tiers ignored
+    (the picker's tier-weighted share is ``extproc.scorer_client.weighted_prefix``)."""
+    return matched_blocks / total_blocks if total_blocks else 0.0
 
 
 def _render_kwargs(req: ScoreRequest) -> dict[str, Any]:

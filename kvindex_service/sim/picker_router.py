@@ -59,7 +59,7 @@ class KvindexPickerRouter(KvindexDirectRouter):
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-picker", daemon=True)
         self._thread.start()
         self._tokenizers = TokenizerPool()  # token-id prompts need no tokenizer
-        service = ScoringService(self.feed.indexer, self._tokenizers, block_size=fleet.pods[0].block_size)
+        service = ScoringService(self.feed.indexer, self._tokenizers)
         config = ExtprocConfig.model_validate({"endpoints": self._ids, "timeout_ms": SCORER_TIMEOUT_MS})
         if kwargs.get("picker_load_weight") is not None:
             weights = config.weights.model_copy(update={"load": kwargs["picker_load_weight"]})

@@ -72,7 +72,7 @@ def scoring_service(capture: dict[str, Any], model: str, tokenizer_dir: str) -> 
         result = ix.apply(msg["pod"], model, payload, int.from_bytes(seq, "big"))
         assert result.decode_errors == 0 and result.stored_blocks > 0
     pool = TokenizerPool({model: tokenizer_dir})
-    service = ScoringService(ix, pool, block_size=capture["block_size"])
+    service = ScoringService(ix, pool)
     try:
         yield service
     finally:

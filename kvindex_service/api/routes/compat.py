@@ -158,7 +158,7 @@ def _candidates(runtime: Runtime, q: _QueryBase) -> list[str]:
 
 
 def _check_block_size(runtime: Runtime, q: _QueryBase) -> int:
-    block_size = runtime.settings.index.block_size
+    block_size = runtime.require_indexer().block_size
     if q.block_size is not None and q.block_size != block_size:
         raise InvalidRequestError(f"block_size {q.block_size} does not match the index's block size {block_size}")
     return block_size
