@@ -45,9 +45,9 @@ def parse_endpoint(value: str) -> tuple[str, int]:
 
 
 class PolicyWeights(BaseModel):
-    """Weights of the utility ``kv * prefix_fraction - load * extra_inflight``.
+    """Weights of the utility ``kv * weighted_prefix - load * extra_inflight``.
 
-    ``prefix_fraction`` is the tier-weighted share of the prompt's full blocks an endpoint
+    ``weighted_prefix`` is the tier-weighted share of the prompt's full blocks an endpoint
     already holds (0..1); ``extra_inflight`` is how many more requests the endpoint has in
     flight than the least loaded eligible endpoint. With the defaults, one extra in-flight
     request costs as much as a tenth of the prompt: an endpoint holding the whole prompt
@@ -57,7 +57,7 @@ class PolicyWeights(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kv: float = Field(1.0, ge=0.0, description="weight of the cached prefix fraction")
+    kv: float = Field(1.0, ge=0.0, description="weight of the cached weighted prefix")
     load: float = Field(0.1, ge=0.0, description="cost of one extra in-flight request")
 
 
@@ -83,7 +83,7 @@ class ExtprocConfig(BaseModel):
         0.25,
         ge=0.0,
         le=1.0,
-        description="prefix fraction another endpoint must hold beyond the session's own "
+        description="weighted prefix another endpoint must hold beyond the session's own "
         "endpoint to pull the session away",
     )
     affinity_max_load_gap: int = Field(

@@ -9,7 +9,7 @@ of the prompt each one already holds, then choose:
    or its own endpoint is overloaded (``affinity_max_load_gap`` requests above the least
    loaded). Stickiness covers the window in which the previous turn's KV events have not
    reached the index yet, and keeps conversations together when the scorer is down.
-2. **Utility** -- ``kv * prefix_fraction - load * (inflight - min_inflight)``: the longest
+2. **Utility** -- ``kv * weighted_prefix - load * (inflight - min_inflight)``: the longest
    cached prefix wins, but each request it already runs beyond the least loaded endpoint
    costs ``load``; so a popular prefix cannot pin all traffic to one pod.
 3. **Round-robin** among endpoints whose utility ties (same prefix, same load).
@@ -69,7 +69,8 @@ class Decision:
     status: int | None = None
     message: str = ""
     scorer_outcome: str = "unscored"
-    fractions: dict[str, float] = field(default_factory=dict)
+    #: Per candidate, its weighted prefix (see :class:`KvScores`); 0 when unscored.
+    weighted_prefix: dict[str, float] = field(default_factory=dict)
     total_blocks: int = 0
     lease: Lease | None = None
 
@@ -242,13 +243,13 @@ class Picker:
         if not candidates:
             return self._reject(429, "every eligible endpoint is at its in-flight cap", outcome)
 
-        fractions = {c: (scores.fraction(c) if scores else 0.0) for c in candidates}
+        prefix = {c: (scores.prefix_of(c) if scores else 0.0) for c in candidates}
         loads = {c: self._inflight.get(c, 0) for c in candidates}
         min_load = min(loads.values())
         if session is not None and (not session or len(session) > _MAX_SESSION_KEY):
             session = None
 
-        chosen, reason = self._choose(candidates, fractions, loads, min_load, session)
+        chosen, reason = self._choose(candidates, prefix, loads, min_load, session)
         if session is not None:
             self._remember(session, chosen)
         self.decisions[reason] += 1
@@ -256,7 +257,7 @@ class Picker:
             endpoint=chosen,
             reason=reason,
             scorer_outcome=outcome,
-            fractions=fractions,
+            weighted_prefix=prefix,
             total_blocks=scores.total_blocks if scores else 0,
             lease=self.acquire(chosen),
         )
@@ -264,7 +265,7 @@ class Picker:
     def _choose(
         self,
         candidates: list[str],
-        fractions: dict[str, float],
+        prefix: dict[str, float],
         loads: dict[str, int],
         min_load: int,
         session: str | None,
@@ -274,15 +275,15 @@ class Picker:
         cfg = self.config
         if session is not None:
             home = self.session_endpoint(session)
-            if home is not None and home in fractions:
-                best_other = max(f for c, f in fractions.items() if c != home)
+            if home is not None and home in prefix:
+                best_other = max(f for c, f in prefix.items() if c != home)
                 if (
-                    best_other - fractions[home] <= cfg.affinity_margin + _EPS
+                    best_other - prefix[home] <= cfg.affinity_margin + _EPS
                     and loads[home] - min_load < cfg.affinity_max_load_gap
                 ):
                     return home, "affinity"
         w = cfg.weights
-        utility = {c: w.kv * fractions[c] - w.load * (loads[c] - min_load) for c in candidates}
+        utility = {c: w.kv * prefix[c] - w.load * (loads[c] - min_load) for c in candidates}
         best = max(utility.values())
         tied = [c for c in candidates if utility[c] >= best - _EPS]
         if len(tied) > 1:
@@ -290,8 +291,8 @@ class Picker:
             self._rr += 1
             return chosen, "round_robin"
         chosen = tied[0]
-        top_fraction = max(fractions.values())
-        if fractions[chosen] > 0.0 and fractions[chosen] >= top_fraction - _EPS:
+        top = max(prefix.values())
+        if prefix[chosen] > 0.0 and prefix[chosen] >= top - _EPS:
             return chosen, "kv"
         return chosen, "load"
 

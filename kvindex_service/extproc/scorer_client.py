@@ -5,11 +5,15 @@ The picker only needs, per candidate endpoint, how much of the prompt it already
 
 * :class:`HttpScorer` -- ``POST {scorer_url}/score`` on a keep-alive ``httpx.AsyncClient``
   (the usual deployment: the picker runs next to Envoy, the index is a separate service);
-* :class:`InProcessScorer` -- awaits ``kvindex_service.scoring.ScoringService.score``
+* :class:`InProcessScorer` -- awaits ``kvindex_service.scoring.ScoringService.evaluate``
   directly (one process runs both; also what the fleet simulator uses).
 
 Both return :class:`KvScores` and raise only :class:`ScorerError` subclasses, so the picker's
 fail-open logic is written once.
+
+Two shares of a prompt are about: the ``/score`` answer's ``fraction`` is matched blocks over
+full blocks, tiers ignored; what the picker weighs is the *weighted prefix*, the score (the
+best tier weight summed over matched blocks) over full blocks. Only the second lives here.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
 from kvindex_service.extproc.prompt import PromptQuery
+
+if TYPE_CHECKING:
+    from kvindex_service.scoring import ScoreRequest, ScoringService
 
 __all__ = [
     "HttpScorer",
@@ -34,6 +41,7 @@ __all__ = [
     "ScorerRejected",
     "ScorerTimeout",
     "kv_scores_from_json",
+    "weighted_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,14 +65,25 @@ class ScorerRejected(ScorerError):
 
 @dataclass(frozen=True, slots=True)
 class KvScores:
-    """Per endpoint, the tier-weighted share of the prompt's full blocks it holds (0..1)."""
+    """Per endpoint, its weighted prefix: the tier-weighted share of the prompt's full blocks
+    it holds (0..1)."""
 
     total_blocks: int
-    fractions: Mapping[str, float] = field(default_factory=dict)
+    weighted_prefix: Mapping[str, float] = field(default_factory=dict)
     matched_blocks: Mapping[str, int] = field(default_factory=dict)
 
-    def fraction(self, endpoint: str) -> float:
-        return self.fractions.get(endpoint, 0.0)
+    def prefix_of(self, endpoint: str) -> float:
+        return self.weighted_prefix.get(endpoint, 0.0)
+
+    @classmethod
+    def from_rows(cls, total_blocks: int, rows: Iterable[tuple[str, int, float]]) -> KvScores:
+        """From ``(pod, matched_blocks, score)`` rows, as both scorers read them."""
+        prefix: dict[str, float] = {}
+        matched: dict[str, int] = {}
+        for pod, blocks, score in rows:
+            prefix[pod] = weighted_prefix(score, blocks, total_blocks)
+            matched[pod] = blocks
+        return cls(total_blocks=total_blocks, weighted_prefix=prefix, matched_blocks=matched)
 
 
 @runtime_checkable
@@ -76,7 +95,8 @@ class Scorer(Protocol):
     async def close(self) -> None: ...
 
 
-def _fraction(score: float, matched: int, total: int) -> float:
+def weighted_prefix(score: float, matched: int, total: int) -> float:
+    """``score / total`` clamped to 0..1, falling back to ``matched / total`` for a zero score."""
     if total <= 0:
         return 0.0
     # ``score`` sums the best tier weight per matched block, so score/total is the weighted
@@ -95,18 +115,17 @@ def kv_scores_from_json(data: Any) -> KvScores:
     rows = data.get("scores") or []
     if not isinstance(total, int) or not isinstance(rows, list):
         raise ScorerError("scorer answer lacks total_blocks/scores")
-    fractions: dict[str, float] = {}
-    matched: dict[str, int] = {}
+    return KvScores.from_rows(total, _json_rows(rows))
+
+
+def _json_rows(rows: list[Any]) -> Iterable[tuple[str, int, float]]:
     for row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("pod"), str):
             continue
         blocks = row.get("matched_blocks", 0)
         score = row.get("score", 0.0)
-        if not isinstance(blocks, int) or not isinstance(score, (int, float)):
-            continue
-        fractions[row["pod"]] = _fraction(float(score), blocks, total)
-        matched[row["pod"]] = blocks
-    return KvScores(total_blocks=total, fractions=fractions, matched_blocks=matched)
+        if isinstance(blocks, int) and isinstance(score, (int, float)):
+            yield row["pod"], blocks, float(score)
 
 
 def _request_json(query: PromptQuery, pods: Sequence[str]) -> dict[str, Any]:
@@ -177,53 +196,39 @@ class HttpScorer:
 
 
 class InProcessScorer:
-    """Adapter over an in-process ``ScoringService`` (``await service.score(ScoreRequest)``).
+    """Adapter over an in-process ``ScoringService``: the native result is read directly,
+    with no JSON or dict in between.
 
-    The request class is looked up on first use so importing the picker never imports the
+    The scoring module is imported on first use so importing the picker never imports the
     scoring service (and its tokenizers) when it is not used.
     """
 
-    def __init__(self, service: Any, *, timeout_ms: float | None = 50.0, request_cls: Any = None) -> None:
+    def __init__(self, service: ScoringService, *, timeout_ms: float | None = 50.0) -> None:
         self._service = service
         self._timeout = timeout_ms / 1000.0 if timeout_ms else None
-        self._request_cls = request_cls
-        self._fields: frozenset[str] | None = None
 
-    def _build(self, query: PromptQuery, pods: Sequence[str]) -> Any:
-        if self._request_cls is None:
-            from kvindex_service.scoring import ScoreRequest
+    @staticmethod
+    def _build(query: PromptQuery, pods: Sequence[str]) -> ScoreRequest:
+        from kvindex_service.scoring import ScoreRequest
 
-            self._request_cls = ScoreRequest
-        if self._fields is None:
-            names = getattr(self._request_cls, "model_fields", None)
-            self._fields = frozenset(names) if names else frozenset()
-        body = _request_json(query, pods)
-        if self._fields:
-            dropped = [k for k in body if k not in self._fields]
-            if "token_ids" in dropped:
-                raise ScorerRejected("scoring service does not take token ids")
-            for key in dropped:
-                body.pop(key)
-        return self._request_cls(**body)
+        return ScoreRequest.model_validate(_request_json(query, pods))
 
     async def score(self, query: PromptQuery, pods: Sequence[str]) -> KvScores:
         try:
             request = self._build(query, pods)
-        except ScorerError:
-            raise
         except ValueError as exc:
             raise ScorerRejected(f"scoring request rejected: {exc}") from None
         try:
             async with asyncio.timeout(self._timeout):
-                result = await self._service.score(request)
+                scored = await self._service.evaluate(request)
         except TimeoutError:
             raise ScorerTimeout("in-process scorer missed its deadline") from None
         except (LookupError, ValueError) as exc:
             raise ScorerRejected(str(exc)) from None
         except Exception as exc:  # the service's own failure must not fail the request
             raise ScorerError(f"in-process scorer failed: {exc!r}") from exc
-        data = result.model_dump() if hasattr(result, "model_dump") else result
-        return kv_scores_from_json(data)
+        result = scored.result
+        return KvScores.from_rows(result.total_blocks, ((s.pod, s.matched_blocks, s.score) for s in result.scores))
 
     async def close(self) -> None:
         """The service belongs to the caller; nothing to release here."""
