@@ -1,4 +1,4 @@
-"""Filling sequence gaps from vLLM's replay buffer.
+"""Filling sequence gaps from vLLM's replay buffer: the protocol frames and one gap's progress.
 
 vLLM (with ``replay_endpoint`` set) binds a ROUTER that answers ``[b"", start_seq]`` with every
 buffered batch whose number is ``>= start_seq`` and then an end marker whose seq is ``ff`` x 8.
@@ -6,17 +6,14 @@ Up to 0.25 each reply is ``[b"", seq, payload]``; from 0.26 the topic rides alon
 ``[b"", topic, seq, payload]``. The buffer holds the last ``buffer_steps`` batches, so a gap
 older than that cannot be filled.
 
-A ``ReplayJob`` is one gap being filled. It never blocks: the subscriber's poll loop feeds it
-the DEALER's replies and its timer, so other pods keep flowing while one pod waits on its
-replay, and the pod's own live batches wait in order behind the job.
+Nothing here touches a socket or reads a clock: the subscriber's loop owns the DEALER sockets
+(``links.open_dealer``) and passes the time in, so a ``ReplayJob`` is plain bookkeeping that
+the sequencer drives and its tests can exercise without ZMQ.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-
-import zmq
 
 from kvindex_service.events.topic import END_SEQ, encode_seq
 
@@ -28,8 +25,6 @@ __all__ = [
     "build_request",
     "parse_reply",
 ]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +83,8 @@ class ReplaySettings:
 class ReplayJob:
     """Fill batches ``first_missing .. revealing.seq - 1`` of one pod.
 
-    Owned and driven by the subscriber thread only. Each attempt uses a fresh DEALER so that
-    late replies to an abandoned attempt can never be mistaken for the current one; a retry
-    resumes from the first batch still missing.
+    A retry resumes from the first batch still missing; the loop opens a fresh DEALER for each
+    attempt so that late replies to an abandoned attempt can never count for the current one.
     """
 
     def __init__(
@@ -105,6 +99,7 @@ class ReplayJob:
     ) -> None:
         self.pod = pod
         self.endpoint = endpoint
+        self.first_missing = first_missing
         self.next_seq = first_missing
         self.end_seq = revealing.seq
         self.revealing = revealing
@@ -115,9 +110,10 @@ class ReplayJob:
         """False once a batch of the range is known to be unrecoverable."""
         self.attempts = 0
         self.timeouts = 0
-        self.socket: zmq.Socket[bytes] | None = None
+        self.in_flight = False
+        """An attempt was sent and has neither ended nor timed out."""
         self.wake_at = 0.0
-        """Deadline of the running attempt, or when the next attempt is due."""
+        """Deadline of the running attempt, or when the next attempt is due (0: send now)."""
         self.done = False
         """The end marker arrived: no more replies for this attempt."""
 
@@ -125,28 +121,15 @@ class ReplayJob:
     def covered(self) -> bool:
         return self.complete and self.next_seq >= self.end_seq
 
-    def send(self, ctx: zmq.Context[zmq.Socket[bytes]], now: float) -> zmq.Socket[bytes]:
-        """Open a DEALER, ask for ``next_seq`` onwards, return the socket to poll."""
-        self.close()
-        sock = ctx.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
-            sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
-            sock.connect(self.endpoint)
-            sock.send_multipart(build_request(self.next_seq), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
-        self.socket = sock
+    def on_sent(self, now: float) -> None:
+        """An attempt asking for ``next_seq`` onwards went out at ``now``."""
         self.attempts += 1
+        self.in_flight = True
         self.wake_at = now + self.settings.timeout
-        return sock
 
     def on_reply(self, reply: ReplyFrame, now: float) -> bool:
         """Account for one reply; True if it is a batch of the missing range, to be applied now
-        (the caller applies it before anything else of the pod). Sets ``done`` on the end marker.
-        """
+        (before anything else of the pod). Sets ``done`` on the end marker."""
         self.wake_at = now + self.settings.timeout
         seq = reply.seq
         if seq is None:
@@ -163,14 +146,9 @@ class ReplayJob:
     def on_timeout(self, now: float) -> bool:
         """The running attempt went silent. True if another attempt is due later (at
         ``wake_at``), False if the retries are spent."""
-        self.close()
+        self.in_flight = False
         self.timeouts += 1
         if self.attempts > self.settings.retries:
             return False
         self.wake_at = now + self.settings.backoff * (2 ** (self.attempts - 1))
         return True
-
-    def close(self) -> None:
-        if self.socket is not None:
-            self.socket.close(linger=0)
-            self.socket = None

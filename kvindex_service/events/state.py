@@ -9,15 +9,18 @@ into a plain JSON-ready dict.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Mapping
 from copy import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from kvindex_service.events.replay import LiveBatch, ReplayJob
+from kvindex_service.events.topic import PodEndpoint
+
 if TYPE_CHECKING:
     from kvindex_service._native import PodState
-    from kvindex_service.events.replay import LiveBatch, ReplayJob
 
-__all__ = ["Mode", "PodTrack", "merge_pod_state"]
+__all__ = ["Mode", "PodTrack", "merge_pod_state", "pod_records", "spec_record", "track_record"]
 
 Mode = Literal["connect", "bind"]
 
@@ -25,7 +28,8 @@ Mode = Literal["connect", "bind"]
 @dataclass(slots=True, eq=False)
 class PodTrack:
     """Subscriber-side record of one pod (one sequence stream). Mutated by the subscriber
-    thread only; other threads read plain ints, which is safe under the GIL."""
+    thread only (through its ``Sequencer``); other threads read plain ints, which is safe under
+    the GIL."""
 
     pod: str
     mode: Mode
@@ -108,4 +112,59 @@ def merge_pod_state(
             "pending_messages": len(track.pending) if track else 0,
         }
     )
+    return out
+
+
+def track_record(
+    track: PodTrack, native: PodState | None, *, running: bool, linked: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The record of a pod that has published; ``linked`` holds the connected endpoints."""
+    return merge_pod_state(
+        track,
+        native,
+        pod=track.pod,
+        mode=track.mode,
+        endpoint=track.endpoint,
+        replay_endpoint=track.replay_endpoint,
+        subscribed=running and (track.mode == "bind" or track.endpoint in linked),
+    )
+
+
+def spec_record(spec: PodEndpoint, pod: str | None, native: PodState | None, *, subscribed: bool) -> dict[str, Any]:
+    """The record of a configured endpoint whose pod has not published yet."""
+    return merge_pod_state(
+        None,
+        native,
+        pod=pod,
+        mode="connect",
+        endpoint=spec.endpoint,
+        replay_endpoint=spec.replay_endpoint,
+        subscribed=subscribed,
+    )
+
+
+def pod_records(
+    tracks: Iterable[PodTrack],
+    specs: Iterable[PodEndpoint],
+    linked: Mapping[str, set[str]],
+    natives: Mapping[str, PodState],
+    *,
+    running: bool,
+) -> list[dict[str, Any]]:
+    """Every known pod sorted by pod id, then the configured endpoints that have not published
+    yet (``pod`` is their explicit pod id, or None until their first message names it).
+    ``linked`` maps each connected endpoint to the pod ids seen through it."""
+    by_pod = {t.pod: t for t in tracks}
+    out = [track_record(t, natives.get(t.pod), running=running, linked=linked) for _, t in sorted(by_pod.items())]
+    for spec in specs:
+        if spec.pod_id is not None:
+            if spec.pod_id in by_pod:
+                continue
+            pod: str | None = spec.pod_id
+        elif linked.get(spec.endpoint):
+            continue
+        else:
+            pod = None
+        native = natives.get(pod) if pod else None
+        out.append(spec_record(spec, pod, native, subscribed=running and spec.endpoint in linked))
     return out

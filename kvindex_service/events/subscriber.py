@@ -8,9 +8,12 @@ loop over:
 - the DEALER of every replay in flight,
 - a socketpair that other threads use to wake the loop for ``add_pod``/``remove_pod``/``stop``.
 
-Per-pod order is the loop's invariant: a pod's batches reach ``Indexer.submit`` in sequence
-order, the core keeps that order per pod on its shards, and while a gap is being replayed the
-pod's live batches wait behind the replay while every other pod flows on.
+The loop only does I/O: it reads frames, hands each pod's batches to the ``Sequencer`` (which
+decides apply / hold / reset / replay, see ``sequencer.py``) and carries out its decisions:
+submitting to the core, sending replay requests, logging. Per-pod order is the invariant: a
+pod's batches reach ``Indexer.submit`` in sequence order, the core keeps that order per pod on
+its shards, and while a gap is being replayed the pod's live batches wait behind the replay
+while every other pod flows on.
 
 Memory is bounded on every path: ZMQ's receive high-water mark caps what waits in sockets (the
 publisher drops beyond it), ``submit`` blocks when the pod's shard queue is full so the loop
@@ -23,27 +26,29 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from kvindex_service._native import KvIndexError
-from kvindex_service.events.replay import (
-    LiveBatch,
-    ReplayJob,
-    ReplaySettings,
-    parse_reply,
+from kvindex_service.events.eventlog import Warner, log_decision
+from kvindex_service.events.links import Conn, Dealer, Links, Monitor
+from kvindex_service.events.replay import LiveBatch, ReplaySettings, parse_reply
+from kvindex_service.events.sequencer import (
+    SEQ_COUNTERS,
+    Apply,
+    Decision,
+    ReplayEnd,
+    ReplayTimeout,
+    Reset,
+    SendReplay,
+    Sequencer,
 )
-from kvindex_service.events.sequence import classify
-from kvindex_service.events.state import Mode, PodTrack, merge_pod_state
+from kvindex_service.events.state import PodTrack, pod_records, spec_record, track_record
 from kvindex_service.events.topic import PodEndpoint, parse_topic, validate_endpoint
 
 if TYPE_CHECKING:
@@ -57,8 +62,6 @@ _BURST = 512
 """Messages read from one socket before the loop looks at the others (fairness)."""
 _TOPIC_CACHE_MAX = 4096
 _COMMAND_TIMEOUT = 10.0
-_LOG_EVERY = 10.0
-"""Seconds between WARNING lines for the same (what, pod); repeats in between go to DEBUG."""
 _STAT_KEYS = (
     "messages_received",
     "messages_applied",
@@ -83,22 +86,6 @@ _INVALID_TOPIC = ("", "")
 """Cached marker for a topic that failed to parse (a real topic never has an empty pod)."""
 
 _State = Literal["new", "running", "stopped"]
-
-
-@dataclass(eq=False, slots=True)
-class _Conn:
-    """A connect-mode SUB socket and the pod ids seen through it."""
-
-    spec: PodEndpoint
-    socket: zmq.Socket[bytes] | None = None
-    monitor: zmq.Socket[bytes] | None = None
-    """PAIR receiving the SUB's disconnect events (see ``Subscriber._on_disconnect``)."""
-    pods: set[str] = field(default_factory=set)
-
-
-@dataclass(eq=False, slots=True)
-class _Monitor:
-    conn: _Conn
 
 
 class Subscriber:
@@ -139,8 +126,6 @@ class Subscriber:
         self._bind = bind
         self._prefix = topic_prefix
         self._prefix_bytes = topic_prefix.encode("utf-8")
-        self._rcvhwm = rcvhwm
-        self._max_message_bytes = max_message_bytes
         self._replay = ReplaySettings(
             timeout=replay_timeout,
             retries=replay_retries,
@@ -148,39 +133,32 @@ class Subscriber:
             rcvhwm=rcvhwm,
             max_message_bytes=max_message_bytes,
         )
+        self._seq = Sequencer(self._replay, max_held=rcvhwm)
 
         self._lock = threading.Lock()
-        """Guards the registries below against concurrent readers; hot-path reads skip it."""
+        """Guards the registries below (and ``_seq.tracks``) against concurrent readers;
+        hot-path reads on the loop thread skip it."""
         self._specs: dict[str, PodEndpoint] = {}
-        self._conns: dict[str, _Conn] = {}
-        self._pods: dict[str, PodTrack] = {}
-        self._jobs: dict[str, ReplayJob] = {}
         for spec in pods:
             self._register_spec(self._check_spec(spec))
+        self._links = Links(
+            lock=self._lock, rcvhwm=rcvhwm, replay=self._replay, prefix=self._prefix_bytes, timeout=_COMMAND_TIMEOUT
+        )
+        self._conns = self._links.conns
+        """Connect-mode links by endpoint (changed under ``_lock``)."""
 
         self._state: _State = "new"
         self._stopping = False
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._bind_socket: zmq.Socket[bytes] | None = None
-        self._bound_endpoint: str | None = None
-        self._poller = zmq.Poller()
-        self._owners: dict[Any, _Conn | _Monitor | ReplayJob | None] = {}
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._wake_fd = -1
-        """zmq.Poller reports plain sockets by file descriptor."""
         self._thread: threading.Thread | None = None
-        self._commands: list[tuple[Callable[[], Any], Future[Any]]] = []
-        self._commands_lock = threading.Lock()
 
-        self._stats = dict.fromkeys(_STAT_KEYS, 0)
+        self._stats = dict.fromkeys((k for k in _STAT_KEYS if k not in SEQ_COUNTERS), 0)
         self._topic_cache: dict[bytes, tuple[str, str]] = {}
         self._received = 0
         self._settled = 0
         """Every message with receive index <= this has been handed to the core or dropped."""
         self._settled_cond = threading.Condition()
         self._sync_waiters = 0
-        self._last_log: dict[tuple[str, str], float] = {}
+        self._warn = Warner(log)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -196,23 +174,7 @@ class Subscriber:
                 raise RuntimeError(f"subscriber already {self._state}; create a new one")
             self._state = "running"
         try:
-            self._ctx = zmq.Context()
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._wake_r.setblocking(False)
-            self._wake_fd = self._wake_r.fileno()
-            self._wake_w.setblocking(False)
-            self._poller.register(self._wake_r, zmq.POLLIN)
-            if self._bind is not None:
-                sock = self._sub_socket()
-                try:
-                    sock.bind(self._bind)
-                except zmq.ZMQError as exc:
-                    sock.close(linger=0)
-                    raise OSError(exc.errno, f"cannot bind {self._bind}: {exc}") from exc
-                self._bind_socket = sock
-                self._bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-                self._poller.register(sock, zmq.POLLIN)
-                self._owners[sock] = None
+            self._links.open(self._bind)
             for spec in list(self._specs.values()):
                 self._connect(spec)
         except BaseException:
@@ -224,7 +186,7 @@ class Subscriber:
         self._thread.start()
         log.info(
             "event subscriber started: bind=%s, %d pod endpoint(s), prefix=%r",
-            self._bound_endpoint,
+            self._links.bound_endpoint,
             len(self._specs),
             self._prefix,
         )
@@ -238,7 +200,7 @@ class Subscriber:
                 return
             self._state = "stopped"
         self._stopping = True
-        self._wake()
+        self._links.mailbox.wake()
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
@@ -246,12 +208,12 @@ class Subscriber:
                 log.warning("event subscriber thread did not stop within %.1fs", timeout)
                 return
         self._teardown()
-        self._fail_commands(RuntimeError("subscriber stopped"))
+        self._links.mailbox.fail_pending(RuntimeError("subscriber stopped"))
         log.info("event subscriber stopped")
 
     @property
     def bound_endpoint(self) -> str | None:
-        return self._bound_endpoint
+        return self._links.bound_endpoint
 
     @property
     def running(self) -> bool:
@@ -287,7 +249,7 @@ class Subscriber:
         back as a new pod (a mid-stream join)."""
         with self._lock:
             known = (
-                pod in self._pods
+                pod in self._seq.tracks
                 or pod in self._specs
                 or any(s.pod_id == pod for s in self._specs.values())
                 or any(pod in c.pods for c in self._conns.values())
@@ -312,59 +274,38 @@ class Subscriber:
         or None until their first message names it)."""
         natives = {s.pod: s for s in self._indexer.pod_states()}
         with self._lock:
-            tracks = sorted(self._pods.values(), key=lambda t: t.pod)
-            waiting: list[tuple[str | None, PodEndpoint]] = []
-            for spec in self._specs.values():
-                conn = self._conns.get(spec.endpoint)
-                if spec.pod_id is not None:
-                    if spec.pod_id not in self._pods:
-                        waiting.append((spec.pod_id, spec))
-                elif conn is None or not conn.pods:
-                    waiting.append((None, spec))
-            running = self._state == "running"
-        out = [self._merge(t, natives.get(t.pod)) for t in tracks]
-        out.extend(
-            merge_pod_state(
-                None,
-                natives.get(pod) if pod else None,
-                pod=pod,
-                mode="connect",
-                endpoint=spec.endpoint,
-                replay_endpoint=spec.replay_endpoint,
-                subscribed=running and spec.endpoint in self._conns,
+            linked = {endpoint: set(conn.pods) for endpoint, conn in self._conns.items()}
+            return pod_records(
+                list(self._seq.tracks.values()),
+                list(self._specs.values()),
+                linked,
+                natives,
+                running=self._state == "running",
             )
-            for pod, spec in waiting
-        )
-        return out
 
     def pod_state(self, pod: str) -> dict[str, Any] | None:
         """The merged record of one pod, looked up by pod id or by endpoint."""
         with self._lock:
-            track = self._pods.get(pod)
+            track = self._seq.tracks.get(pod)
             if track is None:
                 spec = self._specs.get(pod)
                 if spec is not None:
                     conn = self._conns.get(spec.endpoint)
                     pod_id = spec.pod_id or (min(conn.pods) if conn and conn.pods else None)
-                    track = self._pods.get(pod_id) if pod_id else None
+                    track = self._seq.tracks.get(pod_id) if pod_id else None
                     if track is None:
-                        return merge_pod_state(
-                            None,
-                            None,
-                            pod=pod_id,
-                            mode="connect",
-                            endpoint=spec.endpoint,
-                            replay_endpoint=spec.replay_endpoint,
-                            subscribed=self._state == "running",
-                        )
+                        return spec_record(spec, pod_id, None, subscribed=self._state == "running")
         if track is None:
             return None
-        return self._merge(track, self._indexer.pod_state(track.pod))
+        return track_record(
+            track, self._indexer.pod_state(track.pod), running=self._state == "running", linked=self._conns
+        )
 
     def stats(self) -> dict[str, int]:
         """Monotonic subscriber counters (plus ``replays_in_progress``, a gauge)."""
-        out = dict(self._stats)
-        out["replays_in_progress"] = len(self._jobs)
+        merged = {**self._stats, **self._seq.totals}
+        out = {key: merged[key] for key in _STAT_KEYS}
+        out["replays_in_progress"] = self._seq.replays_in_progress
         return out
 
     def sync(self, timeout: float = 5.0) -> bool:
@@ -406,125 +347,23 @@ class Subscriber:
             raise ValueError(f"pod id {spec.pod_id!r} is already subscribed")
         self._specs[spec.endpoint] = spec
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _call(self, fn: Any) -> Any:
         """Run ``fn`` on the loop thread (which owns the sockets) and return its result."""
-        if threading.current_thread() is self._thread:
-            return fn()
-        fut: Future[Any] = Future()
-        with self._commands_lock:
-            self._commands.append((fn, fut))
-        self._wake()
-        try:
-            return fut.result(_COMMAND_TIMEOUT)
-        except FutureTimeout:
-            raise TimeoutError("event subscriber thread did not answer") from None
-
-    def _wake(self) -> None:
-        w = self._wake_w
-        if w is None:
-            return
-        try:
-            w.send(b"\x01")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending, or we are shutting down
-
-    def _fail_commands(self, exc: BaseException) -> None:
-        with self._commands_lock:
-            commands, self._commands = self._commands, []
-        for _, fut in commands:
-            if not fut.done():
-                fut.set_exception(exc)
-
-    def _merge(self, track: PodTrack, native: Any) -> dict[str, Any]:
-        subscribed = self._state == "running" and (track.mode == "bind" or track.endpoint in self._conns)
-        return merge_pod_state(
-            track,
-            native,
-            pod=track.pod,
-            mode=track.mode,
-            endpoint=track.endpoint,
-            replay_endpoint=track.replay_endpoint,
-            subscribed=subscribed,
-        )
+        return self._links.mailbox.call(fn, self._thread)
 
     # -- sockets (loop thread, or start() before the loop exists) -----------------------------
 
-    def _sub_socket(self) -> zmq.Socket[bytes]:
-        assert self._ctx is not None
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        sock.setsockopt(zmq.SUBSCRIBE, self._prefix_bytes)
-        return sock
-
     def _connect(self, spec: PodEndpoint) -> None:
-        sock = self._sub_socket()
-        try:
-            sock.connect(spec.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise ValueError(f"cannot connect to {spec.endpoint}: {exc}") from exc
-        conn = _Conn(spec=spec, socket=sock)
-        self._poller.register(sock, zmq.POLLIN)
-        self._owners[sock] = conn
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        conn.monitor = monitor
-        self._poller.register(monitor, zmq.POLLIN)
-        self._owners[monitor] = _Monitor(conn)
-        with self._lock:
-            self._conns[spec.endpoint] = conn
+        conn = self._links.connect(spec)
         if spec.pod_id is not None:
             self._track_for(spec.pod_id, conn)
         log.info("subscribed to %s (pod %s)", spec.endpoint, spec.pod_id or "from topic")
 
-    def _on_disconnect(self, conn: _Conn) -> None:
-        """A connect-mode link dropped. libzmq reconnects by itself after an I/O error, but not
-        after a protocol error (a message over ``max_message_bytes``, a peer speaking garbage),
-        which would silently end the pod's subscription: so re-dial explicitly either way."""
-        monitor, sock = conn.monitor, conn.socket
-        if monitor is None or sock is None:
-            return
-        dropped = False
-        while True:
-            try:
-                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
-        if not dropped:
-            return
-        endpoint = conn.spec.endpoint
-        try:
-            sock.disconnect(endpoint)
-        except zmq.ZMQError:
-            pass  # libzmq already forgot the endpoint (protocol error)
-        sock.connect(endpoint)
-        self._stats["reconnects"] += 1
-        self._warn("reconnect", endpoint, "connection to %s dropped; re-dialling", endpoint)
-
-    def _close_monitor(self, conn: _Conn) -> None:
-        monitor = conn.monitor
-        if monitor is None:
-            return
-        self._poller.unregister(monitor)
-        self._owners.pop(monitor, None)
-        if conn.socket is not None:
-            conn.socket.disable_monitor()
-        monitor.close(linger=0)
-        conn.monitor = None
-
-    def _disconnect(self, conn: _Conn) -> None:
-        self._close_monitor(conn)
-        sock = conn.socket
-        if sock is not None:
-            self._poller.unregister(sock)
-            self._owners.pop(sock, None)
-            sock.close(linger=0)
-            conn.socket = None
-        with self._lock:
-            self._conns.pop(conn.spec.endpoint, None)
+    def _on_disconnect(self, conn: Conn) -> None:
+        if self._links.redial_if_dropped(conn):
+            endpoint = conn.spec.endpoint
+            self._stats["reconnects"] += 1
+            self._warn("reconnect", endpoint, "connection to %s dropped; re-dialling", endpoint)
 
     def _remove(self, key: str) -> None:
         """Loop thread: drop every endpoint and pod that ``key`` names."""
@@ -533,7 +372,7 @@ class Subscriber:
             spec = conn.spec
             if key in (spec.endpoint, spec.pod_id) or key in conn.pods:
                 pods |= conn.pods
-                self._disconnect(conn)
+                self._links.disconnect(conn)
                 with self._lock:
                     self._specs.pop(spec.endpoint, None)
         with self._lock:
@@ -542,40 +381,18 @@ class Subscriber:
                 pods.add(named.pod_id)
             for s in [s for s in self._specs.values() if s.pod_id == key]:
                 self._specs.pop(s.endpoint)
-        if key in self._pods or not pods:
+        if key in self._seq.tracks or not pods:
             pods.add(key)
         for pod in pods:
-            track = self._pods.get(pod)
-            if track is not None:
-                if track.job is not None:
-                    self._close_job(track.job)
-                    self._jobs.pop(pod, None)
-                    track.job = None
-                track.pending.clear()
-                with self._lock:
-                    self._pods.pop(pod, None)
+            self._links.close_dealer(pod)
+            with self._lock:
+                self._seq.remove_pod(pod)
             self._indexer.remove_pod(pod)
             log.info("removed pod %s", pod)
         self._update_settled()
 
     def _teardown(self) -> None:
-        for job in list(self._jobs.values()):
-            job.close()
-        for conn in list(self._conns.values()):
-            self._close_monitor(conn)
-            if conn.socket is not None:
-                conn.socket.close(linger=0)
-                conn.socket = None
-        if self._bind_socket is not None:
-            self._bind_socket.close(linger=0)
-            self._bind_socket = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
-        self._wake_r = self._wake_w = None
+        self._links.close()
         with self._settled_cond:
             self._settled_cond.notify_all()
 
@@ -584,58 +401,38 @@ class Subscriber:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                ready = self._poller.poll(self._poll_timeout_ms())
+                ready = self._links.poll(self._poll_timeout_ms())
                 for sock, _ in ready:
-                    owner = self._owners.get(sock, _MISSING)
-                    if sock == self._wake_fd:
-                        self._drain_wake()
+                    owner = self._links.owners.get(sock, _MISSING)
+                    if sock == self._links.mailbox.fd:
+                        self._links.mailbox.run_pending()
                     elif owner is _MISSING:
                         continue  # closed earlier in this round
-                    elif isinstance(owner, ReplayJob):
+                    elif isinstance(owner, Dealer):
                         self._drain_replay(owner)
-                    elif isinstance(owner, _Monitor):
+                    elif isinstance(owner, Monitor):
                         self._on_disconnect(owner.conn)
                     else:
                         self._drain_live(sock, owner)
-                if self._jobs:
-                    self._service_timers()
+                if self._seq.replays_in_progress:
+                    self._carry_out(self._seq.due(time.monotonic()))
                 self._update_settled()
         except Exception:
             log.exception("event subscriber loop crashed")
             self._stats["internal_errors"] += 1
         finally:
-            self._fail_commands(RuntimeError("subscriber stopped"))
+            self._links.mailbox.fail_pending(RuntimeError("subscriber stopped"))
 
     def _poll_timeout_ms(self) -> int | None:
-        if not self._jobs:
+        wake_at = self._seq.next_wakeup()
+        if wake_at is None:
             return None
-        wake_at = min(job.wake_at for job in self._jobs.values())
         return max(0, math.ceil((wake_at - time.monotonic()) * 1000))
-
-    def _drain_wake(self) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self._commands_lock:
-            commands, self._commands = self._commands, []
-        for fn, fut in commands:
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed back to the calling thread
-                fut.set_exception(exc)
 
     def _update_settled(self) -> None:
         settled = self._received
-        for job in self._jobs.values():
-            track = self._pods.get(job.pod)
-            oldest = job.revealing_index
-            if track is not None and track.pending:
-                oldest = min(oldest, track.pending[0][0])
+        oldest = self._seq.oldest_held()
+        if oldest is not None:
             settled = min(settled, oldest - 1)
         if settled != self._settled:
             self._settled = settled
@@ -643,7 +440,7 @@ class Subscriber:
                 with self._settled_cond:
                     self._settled_cond.notify_all()
 
-    def _drain_live(self, sock: zmq.Socket[bytes], conn: _Conn | None) -> None:
+    def _drain_live(self, sock: zmq.Socket[bytes], conn: Conn | None) -> None:
         recv = sock.recv_multipart
         for _ in range(_BURST):
             try:
@@ -657,9 +454,8 @@ class Subscriber:
                 self._stats["internal_errors"] += 1
                 log.exception("error handling a KV event message; skipped")
 
-    def _on_live(self, frames: list[bytes], conn: _Conn | None, index: int) -> None:
-        stats = self._stats
-        stats["messages_received"] += 1
+    def _on_live(self, frames: list[bytes], conn: Conn | None, index: int) -> None:
+        self._stats["messages_received"] += 1
         if len(frames) != 3:
             self._malformed("frames", conn, None, f"{len(frames)} frames")
             return
@@ -673,26 +469,14 @@ class Subscriber:
         pod, model = parsed
         if conn is not None and conn.spec.pod_id is not None:
             pod = conn.spec.pod_id
-        track = self._pods.get(pod)
+        track = self._seq.tracks.get(pod)
         if track is None:
             track = self._track_for(pod, conn)
         if len(seq_frame) != 8:
             self._malformed("seq", conn, track, f"{len(seq_frame)}-byte seq frame")
             return
-        seq = int.from_bytes(seq_frame, "big")
-        track.messages += 1
-        batch = LiveBatch(model, seq, payload)
-        if track.job is not None:
-            track.pending.append((index, batch))
-            if len(track.pending) > self._rcvhwm:
-                self._warn("overflow", pod, "replay for pod %s too slow; giving up on it", pod)
-                self._finish_job(track.job)
-            return
-        last = track.last_seq
-        if last is not None and seq == last + 1:
-            self._apply(track, batch)
-        else:
-            self._sequence(track, batch, index)
+        batch = LiveBatch(model, int.from_bytes(seq_frame, "big"), payload)
+        self._carry_out(self._seq.observe(pod, batch, index))
 
     def _parse_topic(self, topic: bytes) -> tuple[str, str]:
         try:
@@ -704,137 +488,32 @@ class Subscriber:
         self._topic_cache[topic] = parsed
         return parsed
 
-    def _track_for(self, pod: str, conn: _Conn | None) -> PodTrack:
-        track = self._pods.get(pod)
-        if track is not None:
-            return track
-        mode: Mode = "bind" if conn is None else "connect"
-        track = PodTrack(
-            pod=pod,
-            mode=mode,
-            endpoint=conn.spec.endpoint if conn else self._bound_endpoint,
-            replay_endpoint=conn.spec.replay_endpoint if conn else None,
-        )
+    def _track_for(self, pod: str, conn: Conn | None) -> PodTrack:
         with self._lock:
-            self._pods[pod] = track
+            track = self._seq.add_pod(
+                pod,
+                mode="bind" if conn is None else "connect",
+                endpoint=conn.spec.endpoint if conn else self._links.bound_endpoint,
+                replay_endpoint=conn.spec.replay_endpoint if conn else None,
+            )
             if conn is not None:
                 conn.pods.add(pod)
         return track
 
-    def _malformed(self, reason: str, conn: _Conn | None, track: PodTrack | None, what: str) -> None:
+    def _malformed(self, reason: str, conn: Conn | None, track: PodTrack | None, what: str) -> None:
         self._stats[f"malformed_{reason}"] += 1
         if track is None and conn is not None and conn.spec.pod_id is not None:
-            track = self._pods.get(conn.spec.pod_id)
+            track = self._seq.tracks.get(conn.spec.pod_id)
         if track is not None:
             track.malformed += 1
         source = track.pod if track else (conn.spec.endpoint if conn else "bind")
         self._warn(reason, source, "malformed KV event message from %s (%s): skipped", source, what)
 
-    def _warn(self, what: str, pod: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        key = (what, pod)
-        if now - self._last_log.get(key, -_LOG_EVERY) >= _LOG_EVERY:
-            if len(self._last_log) > _TOPIC_CACHE_MAX:
-                self._last_log.clear()
-            self._last_log[key] = now
-            log.warning(msg, *args)
-        else:
-            log.debug(msg, *args)
-
-    # -- sequence handling -------------------------------------------------------------------
-
-    def _apply(self, track: PodTrack, batch: LiveBatch) -> None:
-        try:
-            if not self._indexer.submit(track.pod, batch.model, batch.seq, batch.payload):
-                self._stats["pushbacks"] += 1
-        except KvIndexError as exc:
-            self._stats["submit_errors"] += 1
-            self._warn("submit", track.pod, "core refused a batch of pod %s: %s", track.pod, exc)
-        track.last_seq = batch.seq
-        track.model = batch.model
-        self._stats["messages_applied"] += 1
-
-    def _sequence(self, track: PodTrack, batch: LiveBatch, index: int) -> None:
-        verdict = classify(track.last_seq, batch.seq)
-        if verdict.reset:
-            self._stats["resets"] += 1
-            track.resets += 1
-            self._warn(
-                "reset",
-                track.pod,
-                "pod %s restarted its sequence (%s -> %d): clearing it",
-                track.pod,
-                track.last_seq,
-                batch.seq,
-            )
-            self._indexer.clear_pod(track.pod)
-            track.last_seq = None
-        if verdict.missing_from is not None:
-            self._stats["gaps"] += 1
-            track.gaps += 1
-            if track.replay_endpoint is not None:
-                self._start_job(track, verdict.missing_from, batch, index)
-                return
-            self._stats["unrecoverable_gaps"] += 1
-            track.unrecoverable_gaps += 1
-            self._warn(
-                "gap",
-                track.pod,
-                "pod %s: batches %d..%d missed and no replay endpoint",
-                track.pod,
-                verdict.missing_from,
-                batch.seq - 1,
-            )
-        self._apply(track, batch)
-
-    # -- replay ------------------------------------------------------------------------------
-
-    def _start_job(self, track: PodTrack, first_missing: int, batch: LiveBatch, index: int) -> None:
-        assert track.replay_endpoint is not None
-        job = ReplayJob(
-            pod=track.pod,
-            endpoint=track.replay_endpoint,
-            first_missing=first_missing,
-            revealing=batch,
-            revealing_index=index,
-            settings=self._replay,
-        )
-        track.job = job
-        self._jobs[track.pod] = job
-        log.info(
-            "pod %s: replaying batches %d..%d from %s",
-            track.pod,
-            first_missing,
-            batch.seq - 1,
-            job.endpoint,
-        )
-        self._send_job(job, track)
-
-    def _send_job(self, job: ReplayJob, track: PodTrack) -> None:
-        assert self._ctx is not None
-        try:
-            sock = job.send(self._ctx, time.monotonic())
-        except zmq.ZMQError as exc:
-            self._warn("replay", job.pod, "replay request to %s failed: %s", job.endpoint, exc)
-            self._finish_job(job)
-            return
-        self._stats["replays"] += 1
-        track.replays += 1
-        self._poller.register(sock, zmq.POLLIN)
-        self._owners[sock] = job
-
-    def _close_job(self, job: ReplayJob) -> None:
-        if job.socket is not None:
-            self._poller.unregister(job.socket)
-            self._owners.pop(job.socket, None)
-        job.close()
-
-    def _drain_replay(self, job: ReplayJob) -> None:
-        sock = job.socket
-        track = self._pods.get(job.pod)
-        if sock is None or track is None:
-            return
+    def _drain_replay(self, dealer: Dealer) -> None:
+        pod, sock = dealer.pod, dealer.socket
         for _ in range(_BURST):
+            if self._links.dealers.get(pod) is not dealer:
+                return  # the replay ended (or moved on to a new attempt or gap)
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -843,74 +522,51 @@ class Subscriber:
                 reply = parse_reply(frames)
             except ValueError as exc:
                 self._stats["malformed_replay"] += 1
-                self._warn("replay", job.pod, "bad replay reply for pod %s: %s", job.pod, exc)
+                self._warn("replay", pod, "bad replay reply for pod %s: %s", pod, exc)
                 continue
-            if job.on_reply(reply, time.monotonic()):
-                assert reply.seq is not None
-                model = job.revealing.model
-                if reply.topic:
-                    parsed = self._topic_cache.get(reply.topic) or self._parse_topic(reply.topic)
-                    if parsed is not _INVALID_TOPIC:
-                        model = parsed[1]
-                self._apply(track, LiveBatch(model, reply.seq, reply.payload))
-                self._stats["replayed_batches"] += 1
-                track.replayed_batches += 1
-            if job.done:
-                self._finish_job(job)
-                return
+            model = None
+            if reply.topic:
+                parsed = self._topic_cache.get(reply.topic) or self._parse_topic(reply.topic)
+                if parsed is not _INVALID_TOPIC:
+                    model = parsed[1]
+            self._carry_out(self._seq.on_reply(pod, reply, time.monotonic(), model))
 
-    def _service_timers(self) -> None:
-        now = time.monotonic()
-        for job in list(self._jobs.values()):
-            if now < job.wake_at:
-                continue
-            track = self._pods[job.pod]
-            if job.socket is None:
-                self._send_job(job, track)  # a retry that is due
-                continue
-            self._close_job(job)
-            self._stats["replay_timeouts"] += 1
-            track.replay_timeouts += 1
-            if job.on_timeout(now):
-                self._warn(
-                    "replay",
-                    job.pod,
-                    "replay from %s timed out (attempt %d); retrying",
-                    job.endpoint,
-                    job.attempts,
-                )
-            else:
-                self._finish_job(job)
+    # -- carrying out the sequencer's decisions ----------------------------------------------
 
-    def _finish_job(self, job: ReplayJob) -> None:
-        """End a replay (done, spent or abandoned): apply the batch that revealed the gap, then
-        the live batches held meanwhile, in order."""
-        self._close_job(job)
-        track = self._pods[job.pod]
-        track.job = None
-        self._jobs.pop(job.pod, None)
-        if job.covered:
-            log.info("pod %s: gap filled by replay (%d attempt(s))", job.pod, job.attempts)
-        else:
-            self._stats["unrecoverable_gaps"] += 1
-            track.unrecoverable_gaps += 1
-            self._warn(
-                "gap",
-                job.pod,
-                "pod %s: could not replay batches %d..%d from %s",
-                job.pod,
-                job.next_seq,
-                job.end_seq - 1,
-                job.endpoint,
-            )
-        self._apply(track, job.revealing)
-        while track.pending and track.job is None:
-            index, batch = track.pending.popleft()
-            last = track.last_seq
-            if last is not None and batch.seq == last + 1:
-                self._apply(track, batch)
-            else:
-                self._sequence(track, batch, index)
+    def _carry_out(self, decisions: list[Decision]) -> None:
+        """Do what the sequencer decided, in order. A replay request that cannot be sent ends
+        that replay at once; its follow-up decisions run before the rest of the list."""
+        todo = deque(decisions)
+        while todo:
+            d = todo.popleft()
+            log_decision(d, self._warn)
+            if isinstance(d, Apply):
+                self._submit(d.pod, d.batch)
+            elif isinstance(d, Reset):
+                self._indexer.clear_pod(d.pod)
+            elif isinstance(d, SendReplay):
+                todo.extendleft(reversed(self._send_replay(d)))
+            elif isinstance(d, ReplayTimeout | ReplayEnd):
+                self._links.close_dealer(d.pod)
+
+    def _submit(self, pod: str, batch: LiveBatch) -> None:
+        try:
+            if not self._indexer.submit(pod, batch.model, batch.seq, batch.payload):
+                self._stats["pushbacks"] += 1
+        except KvIndexError as exc:
+            self._stats["submit_errors"] += 1
+            self._warn("submit", pod, "core refused a batch of pod %s: %s", pod, exc)
+        self._stats["messages_applied"] += 1
+
+    def _send_replay(self, d: SendReplay) -> list[Decision]:
+        """Open the attempt's DEALER; the decisions that follow a failed send."""
+        try:
+            self._links.open_dealer(d.pod, d.endpoint, d.start_seq)
+        except zmq.ZMQError as exc:
+            self._warn("replay", d.pod, "replay request to %s failed: %s", d.endpoint, exc)
+            return self._seq.replay_failed(d.pod)
+        self._seq.replay_sent(d.pod, time.monotonic())
+        return []
 
 
 _MISSING: Any = object()
