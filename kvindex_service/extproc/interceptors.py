@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import grpc
 
-if TYPE_CHECKING:
-    from kvindex_service.extproc.stats import StreamStats
+from kvindex_service.extproc.stats import StreamStats
 
 __all__ = ["ErrorMappingInterceptor", "ProtocolError"]
 
@@ -39,6 +38,11 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+#: A grpc.aio stream-stream behaviour: an async generator over the request stream. (The grpc
+#: stubs describe ``RpcMethodHandler.stream_stream`` with the sync API's types.)
+_StreamBehavior = Callable[[AsyncIterator[Any], "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[Any]]
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps stream-stream handlers (ext_proc) so every exception maps to one status."""
 
@@ -47,18 +51,18 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.stream_stream is None:
             return handler
-        behavior = handler.stream_stream
+        behavior = cast(_StreamBehavior, handler.stream_stream)
         stats = self._stats
         method = handler_call_details.method
 
         async def wrapped(
-            request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             try:
                 async for response in behavior(request_iterator, context):

@@ -76,16 +76,18 @@ _Mode = processing_mode_pb2.ProcessingMode
 _BUFFERED = _Mode.BUFFERED
 _STREAMED = _Mode.STREAMED
 _BUFFERED_PARTIAL = _Mode.BUFFERED_PARTIAL
-_DUPLEX = _Mode.FULL_DUPLEX_STREAMED
+_DUPLEX: int = _Mode.FULL_DUPLEX_STREAMED
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def _header_value(h: base_pb2.HeaderValue) -> str:
     # Envoy puts header values in raw_value (bytes); older versions and other clients use
     # value. Accept both, prefer raw_value.
-    if h.raw_value:
-        return h.raw_value.decode("utf-8", "replace")
-    return h.value
+    raw: bytes = h.raw_value
+    if raw:
+        return raw.decode("utf-8", "replace")
+    value: str = h.value
+    return value
 
 
 def _subset_hint(metadata: base_pb2.Metadata, limit: int) -> list[str] | None:
@@ -156,7 +158,7 @@ class _Responses:
         body = json.dumps({"error": {"message": message, "type": "routing_error", "code": status}})
         return ep.ProcessingResponse(
             immediate_response=ep.ImmediateResponse(
-                status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+                status=http_status_pb2.HttpStatus(code=status),
                 headers=ep.HeaderMutation(
                     set_headers=[
                         base_pb2.HeaderValueOption(
@@ -408,7 +410,8 @@ class _Stream:
         return self.last_immediate
 
 
-class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):
+# The generated base (xds-protos ships no stubs) only adds UNIMPLEMENTED defaults.
+class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """``envoy.service.ext_proc.v3.ExternalProcessor/Process``: answers strictly in order."""
 
     def __init__(self, picker: Picker, config: ExtprocConfig, metrics: PickerMetrics, stats: StreamStats) -> None:
@@ -419,7 +422,7 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):
         self.responses = _Responses()
 
     async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[ep.ProcessingResponse]:
         stream = _Stream(self)
         self.stats.opened += 1

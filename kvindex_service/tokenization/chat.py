@@ -248,8 +248,9 @@ def _final_text(message: Mapping[str, Any]) -> str:
     content = message.get("content")
     if isinstance(content, list):
         for part in reversed(content):
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                return part["text"]
+            text = part.get("text") if isinstance(part, Mapping) else None
+            if isinstance(text, str):
+                return text
         raise TemplateError("continue_final_message: the final message has no text to continue")
     return content if isinstance(content, str) else ""
 

@@ -137,8 +137,10 @@ def _token_text(value: Any) -> str | None:
     """Special-token values in tokenizer_config.json are strings or AddedToken dicts."""
     if isinstance(value, str):
         return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
+    if isinstance(value, Mapping):
+        content = value.get("content")
+        if isinstance(content, str):
+            return content
     return None
 
 
@@ -256,7 +258,8 @@ class LoadedTokenizer:
             enc = self._encode_batch([text], add_special_tokens=add_special_tokens)[0]
         except Exception as exc:
             raise TokenizationError(f"tokenization failed: {exc}") from exc
-        return enc.ids
+        ids: list[int] = enc.ids
+        return ids
 
     @property
     def _encode_batch(self) -> Any:

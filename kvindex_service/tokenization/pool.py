@@ -241,12 +241,12 @@ class TokenizerPool:
     def render_chat(
         self,
         model: str,
-        messages: list[dict],
+        messages: list[dict[str, Any]],
         *,
         add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
-        tools: list | None = None,
-        documents: list | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        documents: list[Any] | None = None,
         continue_final_message: bool = False,
     ) -> str:
         """Render ``messages`` with the model's chat template exactly as vLLM would."""
@@ -275,7 +275,7 @@ class TokenizerPool:
         self._count("tokenize_calls")
         return self._tokenize(lt, text, add_special_tokens)
 
-    def tokenize_chat(self, model: str, messages: list[dict], **render_kwargs: Any) -> Tokenized:
+    def tokenize_chat(self, model: str, messages: list[dict[str, Any]], **render_kwargs: Any) -> Tokenized:
         """Render the chat, then tokenize without adding special tokens (the template has BOS)."""
         text = self.render_chat(model, messages, **render_kwargs)
         return self.tokenize(model, text, add_special_tokens=False)
@@ -287,7 +287,7 @@ class TokenizerPool:
             return hit
         return await self._offload(partial(self.tokenize, model, text, add_special_tokens=add_special_tokens))
 
-    async def atokenize_chat(self, model: str, messages: list[dict], **render_kwargs: Any) -> Tokenized:
+    async def atokenize_chat(self, model: str, messages: list[dict[str, Any]], **render_kwargs: Any) -> Tokenized:
         return await self._offload(partial(self.tokenize_chat, model, messages, **render_kwargs))
 
     async def _offload(self, fn: Callable[[], Tokenized]) -> Tokenized:
