@@ -37,8 +37,14 @@ test-py: build
 stubtest: build
 	$(PY) -m mypy.stubtest kvindex_service._native
 
-lint: stubtest
+# Python first (fast), then Rust, then the stub against the built extension.
+lint: build
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy --strict kvindex_service
+	cargo fmt --check
 	cargo clippy --quiet --all-targets --features python -- -D warnings
+	$(PY) -m mypy.stubtest kvindex_service._native
 
 bench: bench-rust bench-py
 
