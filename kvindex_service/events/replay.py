@@ -13,6 +13,7 @@ the sequencer drives and its tests can exercise without ZMQ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvindex_service.events.topic import END_SEQ, encode_seq
@@ -78,6 +79,18 @@ class ReplaySettings:
     """Delay before retry n is ``backoff * 2**(n-1)`` seconds."""
     rcvhwm: int
     max_message_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.rcvhwm < 1:
+            raise ValueError("rcvhwm must be >= 1 (0 would mean unbounded)")
+        if not self.timeout > 0 or not math.isfinite(self.timeout):
+            raise ValueError("replay_timeout must be a positive number of seconds")
+        if self.retries < 0:
+            raise ValueError("replay_retries must be >= 0")
+        if not self.backoff >= 0 or not math.isfinite(self.backoff):
+            raise ValueError("replay_backoff must be >= 0 seconds")
+        if self.max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be >= 1")
 
 
 class ReplayJob:

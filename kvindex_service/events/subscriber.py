@@ -37,6 +37,7 @@ import zmq
 from kvindex_service._native import KvIndexError
 from kvindex_service.events.eventlog import Warner, log_decision
 from kvindex_service.events.links import Conn, Dealer, Links, Monitor
+from kvindex_service.events.progress import Progress
 from kvindex_service.events.replay import LiveBatch, ReplaySettings, parse_reply
 from kvindex_service.events.sequencer import (
     SEQ_COUNTERS,
@@ -49,7 +50,7 @@ from kvindex_service.events.sequencer import (
     Sequencer,
 )
 from kvindex_service.events.state import PodTrack, pod_records, spec_record, track_record
-from kvindex_service.events.topic import PodEndpoint, parse_topic, validate_endpoint
+from kvindex_service.events.topic import PodEndpoint, TopicCache, check_pod_endpoint, validate_endpoint
 
 if TYPE_CHECKING:
     from kvindex_service._native import Indexer
@@ -82,8 +83,6 @@ _STAT_KEYS = (
     "pods_removed",
     "reconnects",
 )
-_INVALID_TOPIC = ("", "")
-"""Cached marker for a topic that failed to parse (a real topic never has an empty pod)."""
 
 _State = Literal["new", "running", "stopped"]
 
@@ -112,21 +111,11 @@ class Subscriber:
             validate_endpoint(bind, bind=True)
         if not isinstance(topic_prefix, str):
             raise ValueError("topic_prefix must be a string")
-        if rcvhwm < 1:
-            raise ValueError("rcvhwm must be >= 1 (0 would mean unbounded)")
-        if not replay_timeout > 0 or not math.isfinite(replay_timeout):
-            raise ValueError("replay_timeout must be a positive number of seconds")
-        if replay_retries < 0:
-            raise ValueError("replay_retries must be >= 0")
-        if not replay_backoff >= 0 or not math.isfinite(replay_backoff):
-            raise ValueError("replay_backoff must be >= 0 seconds")
-        if max_message_bytes < 1:
-            raise ValueError("max_message_bytes must be >= 1")
         self._indexer = indexer
         self._bind = bind
         self._prefix = topic_prefix
         self._prefix_bytes = topic_prefix.encode("utf-8")
-        self._replay = ReplaySettings(
+        self._replay = ReplaySettings(  # validates the numbers
             timeout=replay_timeout,
             retries=replay_retries,
             backoff=replay_backoff,
@@ -140,7 +129,7 @@ class Subscriber:
         hot-path reads on the loop thread skip it."""
         self._specs: dict[str, PodEndpoint] = {}
         for spec in pods:
-            self._register_spec(self._check_spec(spec))
+            self._register_spec(check_pod_endpoint(spec))
         self._links = Links(
             lock=self._lock, rcvhwm=rcvhwm, replay=self._replay, prefix=self._prefix_bytes, timeout=_COMMAND_TIMEOUT
         )
@@ -152,12 +141,8 @@ class Subscriber:
         self._thread: threading.Thread | None = None
 
         self._stats = dict.fromkeys((k for k in _STAT_KEYS if k not in SEQ_COUNTERS), 0)
-        self._topic_cache: dict[bytes, tuple[str, str]] = {}
-        self._received = 0
-        self._settled = 0
-        """Every message with receive index <= this has been handed to the core or dropped."""
-        self._settled_cond = threading.Condition()
-        self._sync_waiters = 0
+        self._topics = TopicCache(topic_prefix, _TOPIC_CACHE_MAX)
+        self._progress = Progress()
         self._warn = Warner(log)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -225,7 +210,7 @@ class Subscriber:
     def add_pod(self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None) -> PodEndpoint:
         """Connect to one more vLLM publisher. ``ValueError`` for a malformed endpoint or one
         (or a pod id) already configured."""
-        spec = self._check_spec(PodEndpoint(endpoint=endpoint, pod_id=pod_id, replay_endpoint=replay_endpoint))
+        spec = check_pod_endpoint(PodEndpoint(endpoint=endpoint, pod_id=pod_id, replay_endpoint=replay_endpoint))
         with self._lock:
             if self._state == "stopped":
                 raise RuntimeError("subscriber stopped")
@@ -313,31 +298,11 @@ class Subscriber:
         as malformed) and the core has applied it. False on timeout. Messages still in ZMQ
         queues are not "received" yet."""
         deadline = time.monotonic() + timeout
-        target = self._received
-        with self._settled_cond:
-            self._sync_waiters += 1
-            try:
-                while self._settled < target:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self.running:
-                        return False
-                    self._settled_cond.wait(min(remaining, 0.5))
-            finally:
-                self._sync_waiters -= 1
+        if not self._progress.wait_for(self._progress.received, deadline, lambda: self.running):
+            return False
         return self._indexer.flush(max(0.0, deadline - time.monotonic()))
 
     # -- caller-thread helpers ---------------------------------------------------------------
-
-    @staticmethod
-    def _check_spec(spec: PodEndpoint) -> PodEndpoint:
-        if not isinstance(spec, PodEndpoint):
-            raise ValueError(f"expected a PodEndpoint, got {type(spec).__name__}")
-        validate_endpoint(spec.endpoint)
-        if spec.replay_endpoint is not None:
-            validate_endpoint(spec.replay_endpoint)
-        if spec.pod_id is not None and (not isinstance(spec.pod_id, str) or not spec.pod_id):
-            raise ValueError("pod_id must be a non-empty string or None")
-        return spec
 
     def _register_spec(self, spec: PodEndpoint) -> None:
         """Record a new endpoint; the caller holds ``_lock`` (or is the constructor)."""
@@ -393,8 +358,7 @@ class Subscriber:
 
     def _teardown(self) -> None:
         self._links.close()
-        with self._settled_cond:
-            self._settled_cond.notify_all()
+        self._progress.wake_all()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -430,15 +394,7 @@ class Subscriber:
         return max(0, math.ceil((wake_at - time.monotonic()) * 1000))
 
     def _update_settled(self) -> None:
-        settled = self._received
-        oldest = self._seq.oldest_held()
-        if oldest is not None:
-            settled = min(settled, oldest - 1)
-        if settled != self._settled:
-            self._settled = settled
-            if self._sync_waiters:
-                with self._settled_cond:
-                    self._settled_cond.notify_all()
+        self._progress.settle(self._seq.oldest_held())
 
     def _drain_live(self, sock: zmq.Socket[bytes], conn: Conn | None) -> None:
         recv = sock.recv_multipart
@@ -447,9 +403,9 @@ class Subscriber:
                 frames = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._received += 1
+            self._progress.received += 1
             try:
-                self._on_live(frames, conn, self._received)
+                self._on_live(frames, conn, self._progress.received)
             except Exception:
                 self._stats["internal_errors"] += 1
                 log.exception("error handling a KV event message; skipped")
@@ -460,10 +416,8 @@ class Subscriber:
             self._malformed("frames", conn, None, f"{len(frames)} frames")
             return
         topic, seq_frame, payload = frames
-        parsed = self._topic_cache.get(topic)
+        parsed = self._topics.get(topic)
         if parsed is None:
-            parsed = self._parse_topic(topic)
-        if parsed is _INVALID_TOPIC:
             self._malformed("topic", conn, None, repr(topic[:64]))
             return
         pod, model = parsed
@@ -477,16 +431,6 @@ class Subscriber:
             return
         batch = LiveBatch(model, int.from_bytes(seq_frame, "big"), payload)
         self._carry_out(self._seq.observe(pod, batch, index))
-
-    def _parse_topic(self, topic: bytes) -> tuple[str, str]:
-        try:
-            parsed = parse_topic(topic, self._prefix)
-        except ValueError:
-            parsed = _INVALID_TOPIC
-        if len(self._topic_cache) >= _TOPIC_CACHE_MAX:
-            self._topic_cache.clear()
-        self._topic_cache[topic] = parsed
-        return parsed
 
     def _track_for(self, pod: str, conn: Conn | None) -> PodTrack:
         with self._lock:
@@ -524,11 +468,8 @@ class Subscriber:
                 self._stats["malformed_replay"] += 1
                 self._warn("replay", pod, "bad replay reply for pod %s: %s", pod, exc)
                 continue
-            model = None
-            if reply.topic:
-                parsed = self._topic_cache.get(reply.topic) or self._parse_topic(reply.topic)
-                if parsed is not _INVALID_TOPIC:
-                    model = parsed[1]
+            parsed = self._topics.get(reply.topic) if reply.topic else None
+            model = parsed[1] if parsed else None
             self._carry_out(self._seq.on_reply(pod, reply, time.monotonic(), model))
 
     # -- carrying out the sequencer's decisions ----------------------------------------------

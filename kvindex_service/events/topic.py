@@ -13,6 +13,8 @@ from dataclasses import dataclass
 __all__ = [
     "END_SEQ",
     "PodEndpoint",
+    "TopicCache",
+    "check_pod_endpoint",
     "decode_seq",
     "encode_seq",
     "parse_topic",
@@ -99,3 +101,41 @@ def validate_endpoint(endpoint: str, *, bind: bool = False) -> str:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"endpoint {endpoint!r}: port must be 1-65535")
     return endpoint
+
+
+class TopicCache:
+    """``parse_topic`` memoised for the hot path: a pod sends the same few topics all day.
+    Bounded (cleared when full), and failures are remembered too."""
+
+    _INVALID = ("", "")
+    """Marker for a topic that failed to parse (a real topic never has an empty pod)."""
+
+    def __init__(self, prefix: str, max_size: int = 4096) -> None:
+        self.prefix = prefix
+        self.max_size = max_size
+        self._parsed: dict[bytes, tuple[str, str]] = {}
+
+    def get(self, topic: bytes) -> tuple[str, str] | None:
+        """``(pod, model)``, or None for a malformed topic."""
+        parsed = self._parsed.get(topic)
+        if parsed is None:
+            try:
+                parsed = parse_topic(topic, self.prefix)
+            except ValueError:
+                parsed = self._INVALID
+            if len(self._parsed) >= self.max_size:
+                self._parsed.clear()
+            self._parsed[topic] = parsed
+        return None if parsed is self._INVALID else parsed
+
+
+def check_pod_endpoint(spec: PodEndpoint) -> PodEndpoint:
+    """``spec`` itself if it is a well-formed ``PodEndpoint``; ``ValueError`` otherwise."""
+    if not isinstance(spec, PodEndpoint):
+        raise ValueError(f"expected a PodEndpoint, got {type(spec).__name__}")
+    validate_endpoint(spec.endpoint)
+    if spec.replay_endpoint is not None:
+        validate_endpoint(spec.replay_endpoint)
+    if spec.pod_id is not None and (not isinstance(spec.pod_id, str) or not spec.pod_id):
+        raise ValueError("pod_id must be a non-empty string or None")
+    return spec
