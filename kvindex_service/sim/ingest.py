@@ -8,97 +8,23 @@ and the core records the last applied sequence number per pod.
 
 from __future__ import annotations
 
-import logging
-import struct
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
 from kvindex_service import Indexer
+from kvindex_service.events import Subscriber
 
 from .pod import SimPod
 
 __all__ = ["AccuracyStats", "IngestTimeout", "KvindexFeed"]
 
-log = logging.getLogger(__name__)
-
 
 class IngestTimeout(RuntimeError):
     """kvindex did not apply the published events in time (lost messages, stuck subscriber)."""
-
-
-class _SubscriberLike(Protocol):
-    def add_pod(self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None) -> Any: ...
-    def start(self) -> Any: ...
-    def stop(self) -> Any: ...
-    def sync(self, timeout: float = ...) -> Any: ...
-
-
-class _FallbackSubscriber:
-    """A minimal SUB loop used only while ``kvindex_service.events`` is unavailable: connect
-    to each pod, check the frames, hand batches to ``Indexer.submit``."""
-
-    def __init__(self, indexer: Indexer, ctx: zmq.Context[Any]) -> None:
-        self._indexer = indexer
-        self._ctx = ctx
-        self._endpoints: list[str] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self.malformed = 0
-
-    def add_pod(self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None) -> None:
-        del pod_id, replay_endpoint
-        self._endpoints.append(endpoint)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sim-sub", daemon=True)
-        self._thread.start()
-        self._ready.wait(10.0)
-
-    def _run(self) -> None:
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"kv@")
-        for ep in self._endpoints:
-            sock.connect(ep)
-        self._ready.set()
-        try:
-            while not self._stop.is_set():
-                if not sock.poll(20, zmq.POLLIN):
-                    continue
-                frames = sock.recv_multipart()
-                parts = frames[0].decode("utf-8", "replace").split("@", 2) if frames else []
-                if len(frames) != 3 or len(frames[1]) != 8 or len(parts) != 3:
-                    self.malformed += 1
-                    continue
-                seq = struct.unpack(">Q", frames[1])[0]
-                self._indexer.submit(parts[1], parts[2], seq, frames[2])
-        finally:
-            sock.close()
-
-    def sync(self, timeout: float = 5.0) -> bool:
-        return self._indexer.flush(timeout)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-def _make_subscriber(indexer: Indexer, ctx: zmq.Context[Any]) -> tuple[_SubscriberLike, str]:
-    try:
-        from kvindex_service.events.subscriber import Subscriber
-    except ImportError:
-        log.warning("kvindex_service.events not available; using the simulator's own SUB loop")
-        return _FallbackSubscriber(indexer, ctx), "sim-fallback"
-    sub: _SubscriberLike = Subscriber(indexer)
-    return sub, "kvindex_service.events.Subscriber"
 
 
 @dataclass
@@ -151,7 +77,9 @@ class KvindexFeed:
         self.indexer = Indexer(block_size=pods[0].block_size, hash_seed=hash_seed, algorithm="sha256_cbor", shards=1)
         self.accuracy = AccuracyStats()
         self.sync_waits = 0
-        self.subscriber, self.subscriber_kind = _make_subscriber(self.indexer, ctx)
+        del ctx  # the subscriber owns its sockets
+        self.subscriber = Subscriber(self.indexer)
+        self.subscriber_kind = "kvindex_service.events.Subscriber"
         for p in self.pods:
             assert p.publisher is not None
             self.subscriber.add_pod(p.publisher.endpoint, pod_id=p.pod_id, replay_endpoint=p.publisher.replay_endpoint)

@@ -103,9 +103,6 @@ class BlockPool:
     def holds(self, key: int) -> bool:
         return key in self._cached
 
-    def cached_keys(self) -> set[int]:
-        return set(self._cached)
-
     def cached_prefix(self, keys: Sequence[int]) -> int:
         """Leading keys held in the pool (the pod's true prefix cache for that prompt)."""
         n = 0
