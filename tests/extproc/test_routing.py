@@ -218,3 +218,31 @@ def test_cache_salt_separates_key_spaces(scorer_url: str, model: str, prompt_tex
             await server.stop()
 
     run(scenario())
+
+
+def test_in_process_scores_equal_the_json_answer(scoring_service: Any, model: str, prompt_text: dict[str, str]) -> None:
+    """The in-process scorer reads the native result directly; it must agree with what the
+    HTTP scorer reads from the same service's JSON answer."""
+    from kvindex_service.extproc.prompt import PromptQuery
+    from kvindex_service.extproc.scorer_client import kv_scores_from_json
+    from kvindex_service.scoring import ScoreRequest
+
+    async def scenario() -> None:
+        scorer = InProcessScorer(scoring_service, timeout_ms=5000)
+        for text in prompt_text.values():
+            typed = await scorer.score(PromptQuery(model=model, prompt=text), PODS)
+            answer = await scoring_service.score(ScoreRequest(model=model, prompt=text, pods=PODS))
+            assert typed == kv_scores_from_json(answer.model_dump(mode="json"))
+            assert max(typed.weighted_prefix.values()) > 0
+
+    run(scenario())
+
+
+def test_scoring_block_size_is_the_indexers(scoring_service: Any) -> None:
+    from kvindex_service.scoring import ScoringService
+
+    ix = scoring_service.indexer
+    assert scoring_service.block_size == ix.block_size
+    assert ScoringService(ix, None, block_size=ix.block_size).block_size == ix.block_size
+    with pytest.raises(ValueError, match="does not match"):
+        ScoringService(ix, None, block_size=ix.block_size + 1)
