@@ -1,7 +1,7 @@
 """The choice policy through the real stack: KV first, load, session affinity, round-robin,
 and fail-open when the scorer is down, slow or refuses the prompt.
 
-With the captured index, P1 is 4/6 on POD1 and 2/6 on POD2 (fractions .667 / .333).
+With the captured index, P1 is 4/6 on POD1 and 2/6 on POD2 (weighted prefixes .667 / .333).
 """
 
 from __future__ import annotations
