@@ -11,8 +11,10 @@ from kvindex_service._native import (
     PodScore,
     PodState,
     ScoreResult,
+    ThreadStartError,
     TokenProcessor,
     __version__,
+    index_defaults,
 )
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "PodScore",
     "PodState",
     "ScoreResult",
+    "ThreadStartError",
     "TokenProcessor",
     "__version__",
+    "index_defaults",
 ]

@@ -5,7 +5,7 @@ the GIL while the core computes.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Self, final
+from typing import Self, TypedDict, final
 
 __all__ = [
     "ALGORITHMS",
@@ -18,8 +18,10 @@ __all__ = [
     "PodScore",
     "PodState",
     "ScoreResult",
+    "ThreadStartError",
     "TokenProcessor",
     "__version__",
+    "index_defaults",
 ]
 
 __version__: str
@@ -35,6 +37,24 @@ class InvalidInputError(KvIndexError, ValueError):
 
 class ClosedError(KvIndexError, RuntimeError):
     """The indexer was closed; no more batches are accepted."""
+
+class ThreadStartError(KvIndexError, RuntimeError):
+    """The OS refused a worker thread (the indexer could not start)."""
+
+class _IndexDefaults(TypedDict):
+    block_size: int
+    hash_seed: str | None
+    algorithm: str
+    max_keys: int
+    max_pods_per_key: int
+    shards: int
+    queue_capacity: int
+    tier_weights: dict[str, float]
+    key_memo: int
+
+def index_defaults() -> _IndexDefaults:
+    """The core's index defaults (the one place they are declared), named as `Indexer`'s
+    keyword arguments: `Indexer(**index_defaults())` is `Indexer()`."""
 
 @final
 class TokenProcessor:
@@ -74,7 +94,8 @@ class PodScore:
 class ScoreResult:
     scores: list[PodScore]
     """Best first (score desc, then matched blocks desc, then pod name). Pods with no match
-    are left out unless they were named in `pods`, in which case every candidate is listed."""
+    are left out unless they were named in `pods`, in which case every candidate is listed
+    (once, with zeros if the index never saw it). The core orders and fills; nothing else does."""
     total_blocks: int
     """Full blocks in the prompt (the trailing partial block never counts)."""
     total_tokens: int

@@ -25,6 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from kvindex_service._native import index_defaults
+
 __all__ = [
     "LLAMA32_MODELS",
     "HttpSettings",
@@ -87,16 +89,21 @@ class ZmqSettings(_Section):
         return value
 
 
+_INDEX = index_defaults()  # the core declares the index defaults; a dict of constants
+
+
 class IndexSettings(_Section):
-    block_size: int = Field(default=16, ge=1)
-    hash_seed: str | None = Field(default=None, description="vLLM's PYTHONHASHSEED")
-    hash_algo: str = "sha256_cbor"
-    max_keys: int = Field(default=10_000_000, ge=1)
-    max_pods_per_key: int = Field(default=64, ge=1)
-    shards: int = Field(default=0, ge=0, description="0 = one per CPU core")
-    queue_capacity: int = Field(default=1024, ge=1)
-    tier_weights: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8})
-    key_memo: int = Field(default=262_144, ge=0, description="blocks the read path remembers to skip SHA-256 (0 = off)")
+    block_size: int = Field(default=_INDEX["block_size"], ge=1)
+    hash_seed: str | None = Field(default=_INDEX["hash_seed"], description="vLLM's PYTHONHASHSEED")
+    hash_algo: str = _INDEX["algorithm"]
+    max_keys: int = Field(default=_INDEX["max_keys"], ge=1)
+    max_pods_per_key: int = Field(default=_INDEX["max_pods_per_key"], ge=1)
+    shards: int = Field(default=_INDEX["shards"], ge=0, description="0 = one per CPU core")
+    queue_capacity: int = Field(default=_INDEX["queue_capacity"], ge=1)
+    tier_weights: dict[str, float] = Field(default_factory=lambda: dict(_INDEX["tier_weights"]))
+    key_memo: int = Field(
+        default=_INDEX["key_memo"], ge=0, description="blocks the read path remembers to skip SHA-256 (0 = off)"
+    )
 
     @field_validator("hash_seed", mode="before")
     @classmethod

@@ -5,7 +5,7 @@
 //! `{"type": tag, field: value}` from 0.24. Trailing defaulted fields may be missing, unknown
 //! fields are ignored, and one bad event never loses the rest of its batch.
 
-use crate::error::{Error, Result};
+use crate::error::{DecodeKind, Error, Result};
 use crate::hashing::check_token;
 use crate::msgpack::{kind, Reader, Value};
 
@@ -55,12 +55,12 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch> {
     let mut r = Reader::new(payload);
     let n = r.array()?;
     if n < 2 {
-        return Err(Error::decode(format!("batch envelope has {n} elements, expected at least 2")));
+        return Err(Error::decode(DecodeKind::Shape, format!("batch envelope has {n} elements, expected at least 2")));
     }
     let ts = match r.value()? {
         Value::Float(f) => f,
         Value::Int(i) => i as f64,
-        other => return Err(Error::decode(format!("batch timestamp is {}", kind(&other)))),
+        other => return Err(Error::decode(DecodeKind::Shape, format!("batch timestamp is {}", kind(&other)))),
     };
     let count = r.array()?;
     let mut events = Vec::with_capacity((count as usize).min(r.remaining()));
@@ -101,7 +101,7 @@ fn hash_value(v: Value<'_>) -> Result<EngineHash> {
             a[8 - tail.len()..].copy_from_slice(tail);
             Ok(u64::from_be_bytes(a))
         }
-        other => Err(Error::decode(format!("block hash is {}", kind(&other)))),
+        other => Err(Error::decode(DecodeKind::Shape, format!("block hash is {}", kind(&other)))),
     }
 }
 
@@ -130,8 +130,11 @@ fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>> {
             continue;
         }
         match r.value()? {
-            Value::Int(i) => v.push(check_token(i).map_err(|_| Error::decode(format!("token id {i} out of range")))?),
-            other => return Err(Error::decode(format!("token id is {}", kind(&other)))),
+            Value::Int(i) => v.push(
+                check_token(i)
+                    .map_err(|_| Error::decode(DecodeKind::OutOfRange, format!("token id {i} out of range")))?,
+            ),
+            other => return Err(Error::decode(DecodeKind::Shape, format!("token id is {}", kind(&other)))),
         }
     }
     Ok(v)
@@ -140,18 +143,20 @@ fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>> {
 fn opt_int(r: &mut Reader<'_>) -> Result<Option<i64>> {
     match r.value()? {
         Value::Nil => Ok(None),
-        Value::Int(i) => i64::try_from(i).map(Some).map_err(|_| Error::decode("integer out of range")),
-        other => Err(Error::decode(format!("expected an int, found {}", kind(&other)))),
+        Value::Int(i) => {
+            i64::try_from(i).map(Some).map_err(|_| Error::decode(DecodeKind::OutOfRange, "integer out of range"))
+        }
+        other => Err(Error::decode(DecodeKind::Shape, format!("expected an int, found {}", kind(&other)))),
     }
 }
 
 fn opt_str(r: &mut Reader<'_>) -> Result<Option<String>> {
     match r.value()? {
         Value::Nil => Ok(None),
-        Value::Str(s) => {
-            std::str::from_utf8(s).map(|s| Some(s.to_owned())).map_err(|_| Error::decode("string is not UTF-8"))
-        }
-        other => Err(Error::decode(format!("expected a string, found {}", kind(&other)))),
+        Value::Str(s) => std::str::from_utf8(s)
+            .map(|s| Some(s.to_owned()))
+            .map_err(|_| Error::decode(DecodeKind::Malformed, "string is not UTF-8")),
+        other => Err(Error::decode(DecodeKind::Shape, format!("expected a string, found {}", kind(&other)))),
     }
 }
 
@@ -159,7 +164,7 @@ fn extra_keys(r: &mut Reader<'_>) -> Result<Option<Vec<Option<Vec<u8>>>>> {
     let n = match r.value()? {
         Value::Nil => return Ok(None),
         Value::Array(n) => n,
-        other => return Err(Error::decode(format!("extra_keys is {}", kind(&other)))),
+        other => return Err(Error::decode(DecodeKind::Shape, format!("extra_keys is {}", kind(&other)))),
     };
     let mut v = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -244,7 +249,7 @@ fn read_field(r: &mut Reader<'_>, f: Field, out: &mut Fields) -> Result<()> {
         Field::BlockSize => {
             s.block_size = match opt_int(r)? {
                 Some(b) if b > 0 && b <= u32::MAX as i64 => b as u32,
-                Some(b) => return Err(Error::decode(format!("block_size {b} is not positive"))),
+                Some(b) => return Err(Error::decode(DecodeKind::BlockSize, format!("block_size {b} is not positive"))),
                 None => 0,
             }
         }
@@ -261,13 +266,13 @@ fn finish(tag: &str, f: Fields) -> Result<Event> {
     match tag {
         "BlockStored" => {
             if !f.seen_hashes {
-                return Err(Error::decode("BlockStored without block_hashes"));
+                return Err(Error::decode(DecodeKind::Shape, "BlockStored without block_hashes"));
             }
             Ok(Event::BlockStored(f.stored))
         }
         "BlockRemoved" => {
             if !f.seen_hashes {
-                return Err(Error::decode("BlockRemoved without block_hashes"));
+                return Err(Error::decode(DecodeKind::Shape, "BlockRemoved without block_hashes"));
             }
             Ok(Event::BlockRemoved(BlockRemoved { block_hashes: f.stored.block_hashes, medium: f.stored.medium }))
         }
@@ -280,7 +285,7 @@ pub fn decode_event(r: &mut Reader<'_>) -> Result<Event> {
     match r.value()? {
         Value::Array(n) => {
             if n == 0 {
-                return Err(Error::decode("empty event array"));
+                return Err(Error::decode(DecodeKind::Shape, "empty event array"));
             }
             let tag = r.str()?.to_owned();
             let by_pos: fn(usize) -> Field = match tag.as_str() {
@@ -300,7 +305,9 @@ pub fn decode_event(r: &mut Reader<'_>) -> Result<Event> {
             for _ in 0..n {
                 let key = match r.value()? {
                     Value::Str(s) => s,
-                    other => return Err(Error::decode(format!("event field name is {}", kind(&other)))),
+                    other => {
+                        return Err(Error::decode(DecodeKind::Shape, format!("event field name is {}", kind(&other))))
+                    }
                 };
                 if key == b"type" {
                     tag = Some(r.str()?.to_owned());
@@ -308,10 +315,10 @@ pub fn decode_event(r: &mut Reader<'_>) -> Result<Event> {
                     read_field(r, named_field(key), &mut f)?;
                 }
             }
-            let tag = tag.ok_or_else(|| Error::decode("event map without \"type\""))?;
+            let tag = tag.ok_or_else(|| Error::decode(DecodeKind::Shape, "event map without \"type\""))?;
             finish(&tag, f)
         }
-        other => Err(Error::decode(format!("event is {}", kind(&other)))),
+        other => Err(Error::decode(DecodeKind::Shape, format!("event is {}", kind(&other)))),
     }
 }
 

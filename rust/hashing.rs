@@ -38,7 +38,7 @@ impl Algorithm {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Algorithm::Sha256Cbor => "sha256_cbor",
             Algorithm::Sha256Cbor64 => "sha256_cbor_64bit",

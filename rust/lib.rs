@@ -3,7 +3,15 @@
 //!
 //! The core knows nothing of HTTP, ZMQ or Prometheus: it takes bytes, integers and
 //! strings in whole batches. `python.rs` (feature `python`) is the only binding.
+//!
+//! Layout: `config` (settings and their defaults), `indexer` (the facade and read path,
+//! with the lock order), `shards` (worker threads), `apply` (event application), `bridge`
+//! (engine hash -> key), `pods` (names and per-pod records), `counters`, `scoring`.
 
+pub mod apply;
+pub mod bridge;
+pub mod config;
+pub mod counters;
 pub mod error;
 pub mod events;
 pub mod hashing;
@@ -11,13 +19,20 @@ pub mod index;
 pub mod indexer;
 pub mod memo;
 pub mod msgpack;
+pub mod pods;
 pub mod scoring;
+mod shards;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(test)]
+mod testutil;
 
-pub use error::{Error, Result};
+pub use apply::ApplyResult;
+pub use config::IndexerConfig;
+pub use error::{DecodeError, DecodeKind, Error, Result};
 pub use hashing::{Algorithm, BlockKey, Extras, TokenProcessor};
 pub use index::{BlockIndex, IndexStats, PodId};
-pub use indexer::{ApplyResult, Indexer, IndexerConfig, PodState};
+pub use indexer::{FullStats, Indexer};
+pub use pods::PodState;
 pub use scoring::{PodScore, ScoreResult};

@@ -4,7 +4,7 @@
 //! message is an error, not an allocation), never recurses on nested input, and every
 //! failure is an `Error::Decode`.
 
-use crate::error::{Error, Result};
+use crate::error::{DecodeKind, Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value<'a> {
@@ -50,7 +50,10 @@ impl<'a> Reader<'a> {
     #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.remaining() < n {
-            return Err(Error::decode(format!("truncated: wanted {n} bytes at offset {}", self.pos)));
+            return Err(Error::decode(
+                DecodeKind::Truncated,
+                format!("truncated: wanted {n} bytes at offset {}", self.pos),
+            ));
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -70,10 +73,10 @@ impl<'a> Reader<'a> {
     fn container(&mut self, n: u32, per_item: usize) -> Result<u32> {
         // every element needs at least one byte: reject impossible lengths up front
         if (n as usize).saturating_mul(per_item) > self.remaining() {
-            return Err(Error::decode(format!(
-                "container of {n} elements exceeds the {} bytes left",
-                self.remaining()
-            )));
+            return Err(Error::decode(
+                DecodeKind::Malformed,
+                format!("container of {n} elements exceeds the {} bytes left", self.remaining()),
+            ));
         }
         Ok(n)
     }
@@ -154,7 +157,7 @@ impl<'a> Reader<'a> {
                 Value::Map(self.container(n, 2)?)
             }
             0xe0..=0xff => Value::Int((m as i8) as i128),
-            0xc1 => return Err(Error::decode("reserved msgpack marker 0xc1")),
+            0xc1 => return Err(Error::decode(DecodeKind::Malformed, "reserved msgpack marker 0xc1")),
         })
     }
 
@@ -191,14 +194,16 @@ impl<'a> Reader<'a> {
     pub fn array(&mut self) -> Result<u32> {
         match self.value()? {
             Value::Array(n) => Ok(n),
-            other => Err(Error::decode(format!("expected an array, found {}", kind(&other)))),
+            other => Err(Error::decode(DecodeKind::Shape, format!("expected an array, found {}", kind(&other)))),
         }
     }
 
     pub fn str(&mut self) -> Result<&'a str> {
         match self.value()? {
-            Value::Str(s) => std::str::from_utf8(s).map_err(|_| Error::decode("string is not UTF-8")),
-            other => Err(Error::decode(format!("expected a string, found {}", kind(&other)))),
+            Value::Str(s) => {
+                std::str::from_utf8(s).map_err(|_| Error::decode(DecodeKind::Malformed, "string is not UTF-8"))
+            }
+            other => Err(Error::decode(DecodeKind::Shape, format!("expected a string, found {}", kind(&other)))),
         }
     }
 
@@ -215,7 +220,7 @@ impl<'a> Reader<'a> {
                 Value::Bool(b) => out.push(if b { 0xf5 } else { 0xf4 }),
                 Value::Int(i) => {
                     if !(-(1i128 << 64)..(1i128 << 64)).contains(&i) {
-                        return Err(Error::decode("integer out of CBOR range"));
+                        return Err(Error::decode(DecodeKind::OutOfRange, "integer out of CBOR range"));
                     }
                     cbor::int(out, i)
                 }
@@ -224,7 +229,8 @@ impl<'a> Reader<'a> {
                     out.extend_from_slice(&f.to_be_bytes());
                 }
                 Value::Str(s) => {
-                    let s = std::str::from_utf8(s).map_err(|_| Error::decode("string is not UTF-8"))?;
+                    let s = std::str::from_utf8(s)
+                        .map_err(|_| Error::decode(DecodeKind::Malformed, "string is not UTF-8"))?;
                     cbor::text(out, s)
                 }
                 Value::Bin(b) => cbor::bytes(out, b),
@@ -232,14 +238,14 @@ impl<'a> Reader<'a> {
                     cbor::head(out, 4, n as u64);
                     if n > 0 {
                         if stack.len() >= MAX_DEPTH {
-                            return Err(Error::decode("extra keys nested too deeply"));
+                            return Err(Error::decode(DecodeKind::Shape, "extra keys nested too deeply"));
                         }
                         stack.push(n);
                         continue;
                     }
                 }
                 Value::Map(_) | Value::Ext(..) => {
-                    return Err(Error::decode("maps and extension types are not valid extra keys"))
+                    return Err(Error::decode(DecodeKind::Shape, "maps and extension types are not valid extra keys"))
                 }
             }
             // one element completed: pop finished arrays

@@ -11,11 +11,12 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
+use crate::config::{self, defaults, IndexerConfig};
 use crate::error::Error;
 use crate::hashing::{Algorithm, Extras, TokenProcessor};
-use crate::index::MAX_TIERS;
-use crate::indexer::{self, Indexer, IndexerConfig};
-use crate::scoring;
+use crate::indexer::Indexer;
+use crate::pods::PodState;
+use crate::scoring::{PodScore, ScoreResult};
 
 pyo3::create_exception!(
     kvindex_service._native,
@@ -26,6 +27,7 @@ pyo3::create_exception!(
 
 static INVALID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static CLOSED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static THREAD_START: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// A subclass of both `KvIndexError` and a builtin, so callers catching the builtin work.
 fn subclass(py: Python<'_>, name: &str, builtin: &Bound<'_, PyType>, doc: &str) -> PyResult<Py<PyType>> {
@@ -55,88 +57,123 @@ fn closed_type(py: Python<'_>) -> &Bound<'_, PyType> {
         .bind(py)
 }
 
+fn thread_start_type(py: Python<'_>) -> &Bound<'_, PyType> {
+    THREAD_START
+        .get_or_init(py, || {
+            let doc = "The OS refused a worker thread.";
+            subclass(py, "ThreadStartError", &py.get_type::<pyo3::exceptions::PyRuntimeError>(), doc)
+                .expect("create ThreadStartError")
+        })
+        .bind(py)
+}
+
+/// The one mapping from core errors to Python exceptions.
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
-        Python::attach(|py| match &e {
-            Error::InvalidInput(_) | Error::Decode(_) => PyErr::from_type(invalid_type(py).clone(), e.to_string()),
-            Error::Closed => PyErr::from_type(closed_type(py).clone(), e.to_string()),
+        Python::attach(|py| {
+            let class = match &e {
+                Error::InvalidInput { .. } | Error::TooManyPods { .. } | Error::TooManyTiers { .. } => invalid_type(py),
+                Error::Decode(_) => invalid_type(py),
+                Error::Spawn { .. } => thread_start_type(py),
+                Error::Closed => closed_type(py),
+            };
+            PyErr::from_type(class.clone(), e.to_string())
         })
     }
 }
 
 fn invalid(msg: String) -> PyErr {
-    Error::InvalidInput(msg).into()
+    Error::invalid(msg).into()
 }
 
-/// The common case, a list of small ints, read straight from the list's item array
+/// The common case, a list of exact ints, read straight from the list's item array
 /// (~10x faster than the generic sequence protocol). `None` sends the caller to the generic
 /// path, which also produces the precise error.
 fn list_fast_path<T>(obj: &Bound<'_, PyAny>, conv: impl Fn(i128) -> Option<T>) -> Option<Vec<T>> {
     let list = obj.cast::<PyList>().ok()?;
-    let n = list.len();
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        // SAFETY: `i < len` of a list we hold a reference to while attached to the
-        // interpreter (this module targets GIL-enabled CPython); the item is borrowed.
-        let item = unsafe { pyo3::ffi::PyList_GET_ITEM(list.as_ptr(), i as pyo3::ffi::Py_ssize_t) };
-        if unsafe { pyo3::ffi::PyLong_CheckExact(item) } == 0 {
-            return None;
+    // On free-threaded builds the list's critical section keeps other threads from mutating
+    // it (every list mutator takes it) while we read its item array; on GIL builds it is a
+    // no-op and the GIL, held throughout, does the same.
+    pyo3::sync::with_critical_section(list.as_any(), || {
+        let ptr = list.as_ptr();
+        // SAFETY: `ptr` is a live list (we hold a reference). No other thread can resize it or
+        // replace an item while we hold the GIL (GIL builds) or its critical section
+        // (free-threaded builds), and nothing below can release either: no Python code runs
+        // (only exact ints are read, so no `__index__`), and we never block or detach.
+        // So `n` stays the length and every item stays alive for the whole loop.
+        let n = unsafe { pyo3::ffi::PyList_GET_SIZE(ptr) };
+        let mut out = Vec::with_capacity(n.max(0) as usize);
+        for i in 0..n {
+            // SAFETY: `0 <= i < n` (see above); the item is borrowed from the list.
+            let item = unsafe { pyo3::ffi::PyList_GET_ITEM(ptr, i) };
+            if unsafe { pyo3::ffi::PyLong_CheckExact(item) } == 0 {
+                return None;
+            }
+            let mut overflow: std::os::raw::c_int = 0;
+            // SAFETY: `item` is an exact int; this reads its value and cannot fail otherwise.
+            let v = unsafe { pyo3::ffi::PyLong_AsLongLongAndOverflow(item, &mut overflow) };
+            if overflow != 0 {
+                return None;
+            }
+            out.push(conv(v as i128)?);
         }
-        let mut overflow: std::os::raw::c_int = 0;
-        let v = unsafe { pyo3::ffi::PyLong_AsLongLongAndOverflow(item, &mut overflow) };
-        if overflow != 0 {
-            return None;
-        }
-        out.push(conv(v as i128)?);
-    }
-    Some(out)
+        Some(out)
+    })
 }
 
-/// Token ids from any Python sequence of ints, each in 0..2^32-1. The fast path is pyo3's
-/// sequence extraction; the slow path only runs to name the offending element.
+/// Ints from any Python sequence, each converted by `conv` (`range` names its bounds).
+/// The list fast path does the common case; the generic path names the offending element.
+fn extract_ints<T>(
+    obj: &Bound<'_, PyAny>,
+    what: &str,
+    range: &str,
+    reject_bools: bool,
+    conv: impl Fn(i128) -> Option<T> + Copy,
+) -> PyResult<Vec<T>> {
+    if let Some(v) = list_fast_path(obj, conv) {
+        return Ok(v);
+    }
+    let it = obj.try_iter().map_err(|_| invalid(format!("{what} must be a sequence of ints")))?;
+    let mut out = Vec::new();
+    for (i, item) in it.enumerate() {
+        let item = item?;
+        if reject_bools && item.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(invalid(format!("{what}[{i}] is a bool, not an int")));
+        }
+        let v: i128 = item.extract().map_err(|_| invalid(format!("{what}[{i}] is not an int")))?;
+        out.push(conv(v).ok_or_else(|| invalid(format!("{what}[{i}] = {v} is outside {range}")))?);
+    }
+    Ok(out)
+}
+
+/// Token ids, each in 0..2^32-1 (a bool is a caller bug, not token 1).
 fn extract_tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<PyBytes>() {
         return Err(invalid("token_ids must be a sequence of ints, not a string".into()));
     }
-    if let Some(v) = list_fast_path(obj, |x| u32::try_from(x).ok()) {
-        return Ok(v);
-    }
-    let it = obj.try_iter().map_err(|_| invalid("token_ids must be a sequence of ints".into()))?;
-    let mut out = Vec::new();
-    for (i, item) in it.enumerate() {
-        let item = item?;
-        if item.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(invalid(format!("token_ids[{i}] is a bool, not an int")));
-        }
-        let v: i128 = item.extract().map_err(|_| invalid(format!("token_ids[{i}] is not an int")))?;
-        out.push(u32::try_from(v).map_err(|_| invalid(format!("token_ids[{i}] = {v} is outside 0..4294967295")))?);
-    }
-    Ok(out)
+    extract_ints(obj, "token_ids", "0..4294967295", true, |x| u32::try_from(x).ok())
 }
 
 fn extract_keys(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
-    if let Some(v) = list_fast_path(obj, |x| u64::try_from(x).ok()) {
-        return Ok(v);
-    }
-    let it = obj.try_iter().map_err(|_| invalid("keys must be a sequence of ints".into()))?;
-    let mut out = Vec::new();
-    for (i, item) in it.enumerate() {
-        let v: i128 = item?.extract().map_err(|_| invalid(format!("keys[{i}] is not an int")))?;
-        out.push(u64::try_from(v).map_err(|_| invalid(format!("keys[{i}] = {v} is outside 0..2^64-1")))?);
-    }
-    Ok(out)
+    extract_ints(obj, "keys", "0..2^64-1", false, |x| u64::try_from(x).ok())
 }
 
-fn parse_algorithm(name: &str) -> PyResult<Algorithm> {
-    Ok(Algorithm::parse(name)?)
+fn non_negative(name: &str, v: i64) -> PyResult<usize> {
+    usize::try_from(v).map_err(|_| invalid(format!("{name} must be >= 0")))
 }
 
-fn check_block_size(block_size: i64) -> PyResult<usize> {
-    usize::try_from(block_size)
-        .ok()
-        .filter(|b| *b > 0)
-        .ok_or_else(|| invalid(format!("block_size must be a positive int, got {block_size}")))
-}
+// The literal defaults in the `TokenProcessor` and `Indexer` signatures below (literals, so
+// Python's `inspect.signature` shows them) must be the core's: checked at compile time.
+const _: () = assert!(
+    defaults::BLOCK_SIZE == 16
+        && matches!(defaults::ALGORITHM, Algorithm::Sha256Cbor)
+        && defaults::MAX_KEYS == 10_000_000
+        && defaults::MAX_PODS_PER_KEY == 64
+        && defaults::SHARDS == 0
+        && defaults::QUEUE_CAPACITY == 1024
+        && defaults::KEY_MEMO_BLOCKS == 262_144,
+    "a signature default in python.rs differs from config::defaults"
+);
 
 /// One request's block keys: extract, detach, hash.
 fn block_keys_of(
@@ -161,7 +198,7 @@ impl PyTokenProcessor {
     #[new]
     #[pyo3(signature = (block_size = 16, hash_seed = None, algorithm = "sha256_cbor"))]
     fn new(block_size: i64, hash_seed: Option<&str>, algorithm: &str) -> PyResult<Self> {
-        let tp = TokenProcessor::new(check_block_size(block_size)?, hash_seed, parse_algorithm(algorithm)?)?;
+        let tp = TokenProcessor::new(positive("block_size", block_size)?, hash_seed, Algorithm::parse(algorithm)?)?;
         Ok(PyTokenProcessor { tp })
     }
     #[getter]
@@ -289,10 +326,10 @@ impl PyPodState {
     }
 }
 
-impl From<indexer::PodState> for PyPodState {
-    fn from(s: indexer::PodState) -> Self {
-        let stored = s.hash_matches + s.hash_mismatches;
+impl From<PodState> for PyPodState {
+    fn from(s: PodState) -> Self {
         PyPodState {
+            hashes_match: s.hashes_match(),
             pod: s.pod.to_string(),
             models: s.models.iter().map(|m| m.to_string()).collect(),
             blocks_by_tier: s.blocks_by_tier.into_iter().collect(),
@@ -306,7 +343,6 @@ impl From<indexer::PodState> for PyPodState {
             unknown_parents: s.unknown_parents,
             hash_matches: s.hash_matches,
             hash_mismatches: s.hash_mismatches,
-            hashes_match: (stored > 0).then_some(s.hash_mismatches == 0),
             bridge_entries: s.bridge_entries,
         }
     }
@@ -340,76 +376,39 @@ struct PyIndexer {
     ix: Arc<Indexer>,
 }
 
-impl PyIndexer {
-    fn convert(
-        &self,
-        py: Python<'_>,
-        r: scoring::ScoreResult,
-        total_blocks: usize,
-        total_tokens: usize,
-        pods: Option<&[String]>,
-    ) -> PyResult<PyScoreResult> {
-        let bs = self.ix.token_processor().block_size() as u64;
-        let tiers = self.ix.tier_names();
-        let mut scores: Vec<PyPodScore> = Vec::with_capacity(r.scores.len());
-        for s in r.scores {
-            let tier_blocks = tiers
-                .iter()
-                .enumerate()
-                .take(MAX_TIERS)
-                .filter(|(i, _)| s.tier_blocks[*i] > 0)
-                .map(|(i, t)| (t.clone(), s.tier_blocks[i]))
-                .collect();
-            scores.push(PyPodScore {
-                pod: self.ix.pod_name(s.pod).to_string(),
-                matched_blocks: s.matched_blocks,
-                matched_tokens: s.matched_blocks as u64 * bs,
-                score: s.score,
-                tier_blocks,
-            });
+/// A core result as Python objects: conversion only (naming, zeros and order are the core's).
+fn score_result(py: Python<'_>, r: ScoreResult) -> PyResult<PyScoreResult> {
+    let scores = r.scores.into_iter().map(|s| Py::new(py, PyPodScore::from(s))).collect::<PyResult<Vec<_>>>()?;
+    Ok(PyScoreResult {
+        scores,
+        total_blocks: r.total_blocks,
+        total_tokens: r.total_tokens,
+        keys_computed: r.keys_computed,
+    })
+}
+
+impl From<PodScore> for PyPodScore {
+    fn from(s: PodScore) -> Self {
+        PyPodScore {
+            pod: s.pod.to_string(),
+            matched_blocks: s.matched_blocks,
+            matched_tokens: s.matched_tokens,
+            score: s.score,
+            tier_blocks: s.tier_blocks.into_iter().collect(),
         }
-        // candidates never seen by the index still get their zero
-        if let Some(names) = pods {
-            for n in names {
-                if !scores.iter().any(|s| s.pod == *n) {
-                    scores.push(PyPodScore {
-                        pod: n.clone(),
-                        matched_blocks: 0,
-                        matched_tokens: 0,
-                        score: 0.0,
-                        tier_blocks: HashMap::new(),
-                    });
-                }
-            }
-        }
-        // best first; equal scores in pod-name order, so answers are stable across restarts
-        scores.sort_by(|a, b| {
-            b.score.total_cmp(&a.score).then(b.matched_blocks.cmp(&a.matched_blocks)).then(a.pod.cmp(&b.pod))
-        });
-        let scores = scores.into_iter().map(|s| Py::new(py, s)).collect::<PyResult<Vec<_>>>()?;
-        Ok(PyScoreResult { scores, total_blocks, total_tokens, keys_computed: r.keys_consumed })
     }
 }
 
 fn weights_from(obj: Option<&Bound<'_, PyAny>>) -> PyResult<(Vec<(String, f64)>, f64)> {
-    let mut w = vec![("GPU".to_string(), 1.0), ("CPU".to_string(), 0.8)];
-    if let Some(o) = obj {
-        let d: HashMap<String, f64> =
-            o.extract().map_err(|_| invalid("tier_weights must map tier names to numbers".into()))?;
-        if d.len() > MAX_TIERS {
-            return Err(invalid(format!("tier_weights names {} tiers; at most {MAX_TIERS} are supported", d.len())));
-        }
-        for (k, v) in d {
-            let k = k.trim().to_ascii_uppercase();
-            if k.is_empty() {
-                return Err(invalid("tier_weights has an empty tier name".into()));
-            }
-            w.retain(|(n, _)| *n != k);
-            w.push((k, v));
-        }
-    }
-    let default = w.iter().find(|(n, _)| n == "CPU").map(|(_, v)| *v).unwrap_or(0.8);
-    Ok((w, default))
+    let overrides: Vec<(String, f64)> = match obj {
+        None => Vec::new(),
+        Some(o) => o
+            .extract::<HashMap<String, f64>>()
+            .map_err(|_| invalid("tier_weights must map tier names to numbers".into()))?
+            .into_iter()
+            .collect(),
+    };
+    Ok(config::tier_weights(overrides)?)
 }
 
 fn positive(name: &str, v: i64) -> PyResult<usize> {
@@ -436,16 +435,16 @@ impl PyIndexer {
     ) -> PyResult<Self> {
         let (tier_weights, default_weight) = weights_from(tier_weights)?;
         let cfg = IndexerConfig {
-            block_size: check_block_size(block_size)?,
+            block_size: positive("block_size", block_size)?,
             hash_seed,
-            algorithm: parse_algorithm(algorithm)?,
+            algorithm: Algorithm::parse(algorithm)?,
             max_keys: positive("max_keys", max_keys)?,
             max_pods_per_key: positive("max_pods_per_key", max_pods_per_key)?,
-            shards: usize::try_from(shards).map_err(|_| invalid("shards must be >= 0".into()))?,
+            shards: non_negative("shards", shards)?,
             queue_capacity: positive("queue_capacity", queue_capacity)?,
             tier_weights,
             default_weight,
-            key_memo_blocks: usize::try_from(key_memo).map_err(|_| invalid("key_memo must be >= 0".into()))?,
+            key_memo_blocks: non_negative("key_memo", key_memo)?,
             ..Default::default()
         };
         Ok(PyIndexer { ix: Arc::new(Indexer::new(cfg)?) })
@@ -567,11 +566,11 @@ impl PyIndexer {
         let toks = extract_tokens(token_ids)?;
         let extras = Extras::for_request(lora_name, cache_salt);
         let ix = &self.ix;
-        let (r, total) = py.detach(|| {
+        let r = py.detach(|| {
             let names: Option<Vec<&str>> = pods.as_ref().map(|v| v.iter().map(String::as_str).collect());
             ix.score_tokens(model, &toks, &extras, names.as_deref())
         });
-        self.convert(py, r, total, toks.len(), pods.as_deref())
+        score_result(py, r)
     }
 
     #[pyo3(signature = (model, keys, *, pods = None))]
@@ -588,8 +587,7 @@ impl PyIndexer {
             let names: Option<Vec<&str>> = pods.as_ref().map(|v| v.iter().map(String::as_str).collect());
             ix.score_keys(model, &keys, names.as_deref())
         });
-        let bs = ix.token_processor().block_size();
-        self.convert(py, r, keys.len(), keys.len() * bs, pods.as_deref())
+        score_result(py, r)
     }
 
     #[pyo3(signature = (model, keys, *, pods = None))]
@@ -655,6 +653,23 @@ impl PyIndexer {
     }
 }
 
+/// The core's index defaults, named as `Indexer`'s keyword arguments.
+#[pyfunction]
+fn index_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let c = IndexerConfig::default();
+    let d = PyDict::new(py);
+    d.set_item("block_size", c.block_size)?;
+    d.set_item("hash_seed", c.hash_seed)?;
+    d.set_item("algorithm", c.algorithm.name())?;
+    d.set_item("max_keys", c.max_keys)?;
+    d.set_item("max_pods_per_key", c.max_pods_per_key)?;
+    d.set_item("shards", c.shards)?;
+    d.set_item("queue_capacity", c.queue_capacity)?;
+    d.set_item("tier_weights", c.tier_weights.into_iter().collect::<HashMap<_, _>>())?;
+    d.set_item("key_memo", c.key_memo_blocks)?;
+    Ok(d)
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -663,6 +678,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KvIndexError", py.get_type::<KvIndexError>())?;
     m.add("InvalidInputError", invalid_type(py))?;
     m.add("ClosedError", closed_type(py))?;
+    m.add("ThreadStartError", thread_start_type(py))?;
+    m.add_function(wrap_pyfunction!(index_defaults, m)?)?;
     m.add_class::<PyTokenProcessor>()?;
     m.add_class::<PyIndexer>()?;
     m.add_class::<PyScoreResult>()?;

@@ -1,14 +1,19 @@
 //! Scorer: per pod, the longest consecutive run of blocks from block 0 it holds (any tier),
 //! weighted per tier. Keys are pulled lazily, so hashing stops as soon as no pod can extend
-//! its prefix.
+//! its prefix. `rank` then names the pods, lists every candidate (zeros included) and orders
+//! the result: the one place those rules live.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 
 use crate::hashing::BlockKey;
 use crate::index::{entry_pod, entry_tier, BlockIndex, ModelId, PodId, MAX_TIERS};
 
+/// One pod's prefix run, by pod id (before naming and ranking).
 #[derive(Clone, Debug, PartialEq)]
-pub struct PodScore {
+pub struct PrefixRun {
     pub pod: PodId,
     pub matched_blocks: u32,
     /// Sum over matched blocks of the best weight among the tiers holding the block.
@@ -17,37 +22,105 @@ pub struct PodScore {
     pub tier_blocks: [u32; MAX_TIERS],
 }
 
+/// The runs of every pod holding block 0 (filtered), in no particular order.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct ScoreResult {
-    /// Best first: score desc, matched blocks desc, pod id asc.
-    pub scores: Vec<PodScore>,
+pub struct Runs {
+    pub runs: Vec<PrefixRun>,
     /// Keys pulled from the iterator (hashed, for token input).
     pub keys_consumed: usize,
 }
 
+/// One pod's score, as every caller sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodScore {
+    pub pod: Arc<str>,
+    pub matched_blocks: u32,
+    pub matched_tokens: u64,
+    pub score: f64,
+    /// Tier name -> longest run of leading blocks held in that tier alone (tiers with 0 left out).
+    pub tier_blocks: Vec<(String, u32)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScoreResult {
+    /// Best first, see `best_first`.
+    pub scores: Vec<PodScore>,
+    /// Full blocks in the prompt.
+    pub total_blocks: usize,
+    pub total_tokens: usize,
+    /// Keys actually computed (hashing stops once no pod can extend its prefix).
+    pub keys_computed: usize,
+}
+
+/// The result order: score desc, then matched blocks desc, then pod name asc (so equal
+/// scores come back in the same order across restarts, whatever ids the pods got).
+pub fn best_first(a: &PodScore, b: &PodScore) -> Ordering {
+    b.score.total_cmp(&a.score).then(b.matched_blocks.cmp(&a.matched_blocks)).then(a.pod.cmp(&b.pod))
+}
+
+/// Name and order `runs`. With `candidates`, every candidate is listed: one never seen by
+/// the index, or holding no block 0, gets zeros (duplicates are listed once).
+/// `tiers[t]` names tier `t`; `block_size` turns blocks into tokens.
+pub fn rank(
+    runs: Vec<PrefixRun>,
+    candidates: Option<&[&str]>,
+    pod_name: impl Fn(PodId) -> Arc<str>,
+    tiers: &[String],
+    block_size: usize,
+) -> Vec<PodScore> {
+    let mut scores: Vec<PodScore> = runs
+        .into_iter()
+        .map(|r| PodScore {
+            pod: pod_name(r.pod),
+            matched_blocks: r.matched_blocks,
+            matched_tokens: r.matched_blocks as u64 * block_size as u64,
+            score: r.score,
+            tier_blocks: tiers.iter().zip(r.tier_blocks).filter(|(_, n)| *n > 0).map(|(t, n)| (t.clone(), n)).collect(),
+        })
+        .collect();
+    if let Some(names) = candidates {
+        let mut listed: hashbrown::HashSet<Arc<str>> = scores.iter().map(|s| s.pod.clone()).collect();
+        for &n in names {
+            if !listed.contains(n) {
+                let pod: Arc<str> = Arc::from(n);
+                listed.insert(pod.clone());
+                scores.push(PodScore {
+                    pod,
+                    matched_blocks: 0,
+                    matched_tokens: 0,
+                    score: 0.0,
+                    tier_blocks: Vec::new(),
+                });
+            }
+        }
+    }
+    scores.sort_by(best_first);
+    scores
+}
+
 struct Alive {
-    s: PodScore,
+    s: PrefixRun,
     tiers: u8,
 }
 
-/// Score the key sequence. `filter`: only these pods are eligible (they are all listed in the
-/// result, zeros included). `weights[t]` is the weight of tier `t`.
+/// The prefix runs of the key sequence. `filter`: only these pods are eligible.
+/// `weights[t]` is the weight of tier `t`.
 ///
 /// Per block the work is O(entries of the key + pods still alive): tier masks are gathered
 /// into a scratch array indexed by pod id, then read back for the live pods.
-pub fn score_keys(
+pub fn prefix_runs(
     index: &BlockIndex,
     model: ModelId,
     keys: impl Iterator<Item = BlockKey>,
     filter: Option<&[PodId]>,
     weights: &[f64; MAX_TIERS],
-) -> ScoreResult {
+) -> Runs {
     // best weight for every tier mask
     let mut best_of = [0.0f64; 1 << MAX_TIERS];
     for (mask, best) in best_of.iter_mut().enumerate().skip(1) {
         *best = (0..MAX_TIERS).filter(|t| mask & (1 << t) != 0).map(|t| weights[t]).fold(0.0, f64::max);
     }
-    let mut done: Vec<PodScore> = Vec::new();
+    let mut done: Vec<PrefixRun> = Vec::new();
     let mut alive: Vec<Alive> = Vec::new();
     let mut held: Vec<u8> = Vec::new();
     let mut buf: SmallVec<[u32; 16]> = SmallVec::new();
@@ -70,7 +143,7 @@ pub fn score_keys(
                     continue;
                 }
                 alive.push(Alive {
-                    s: PodScore { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] },
+                    s: PrefixRun { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] },
                     tiers: mask,
                 });
             }
@@ -108,17 +181,7 @@ pub fn score_keys(
         }
     }
     done.extend(alive.into_iter().map(|a| a.s));
-    if let Some(f) = filter {
-        for &pod in f {
-            if !done.iter().any(|s| s.pod == pod) {
-                done.push(PodScore { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] });
-            }
-        }
-    }
-    done.sort_by(|a, b| {
-        b.score.total_cmp(&a.score).then(b.matched_blocks.cmp(&a.matched_blocks)).then(a.pod.cmp(&b.pod))
-    });
-    ScoreResult { scores: done, keys_consumed: consumed }
+    Runs { runs: done, keys_consumed: consumed }
 }
 
 #[cfg(test)]
@@ -132,6 +195,20 @@ mod tests {
         w
     }
 
+    fn by_pod(r: &Runs) -> Vec<PrefixRun> {
+        let mut v = r.runs.clone();
+        v.sort_by_key(|s| s.pod);
+        v
+    }
+
+    fn names(id: PodId) -> Arc<str> {
+        Arc::from(["zeta", "alpha", "beta", "gamma"][id as usize])
+    }
+
+    fn tiers() -> Vec<String> {
+        vec!["GPU".into(), "CPU".into()]
+    }
+
     #[test]
     fn longest_prefix_from_block_zero() {
         let ix = BlockIndex::new(100, 8, 4, false);
@@ -139,14 +216,15 @@ mod tests {
             ix.add(0, 1, k, TIER_GPU, None);
         }
         for k in [11, 12] {
-            ix.add(0, 2, k, TIER_GPU, None); // no block 0: scores 0
+            ix.add(0, 2, k, TIER_GPU, None); // no block 0: not listed
         }
         ix.add(0, 3, 10, TIER_CPU, None);
         ix.add(0, 3, 11, TIER_GPU, None);
-        let r = score_keys(&ix, 0, [10u64, 11, 12, 13].into_iter(), None, &weights());
-        assert_eq!(r.scores.len(), 2);
-        assert_eq!((r.scores[0].pod, r.scores[0].matched_blocks, r.scores[0].score), (1, 3, 3.0));
-        let p3 = &r.scores[1];
+        let r = prefix_runs(&ix, 0, [10u64, 11, 12, 13].into_iter(), None, &weights());
+        let runs = by_pod(&r);
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].pod, runs[0].matched_blocks, runs[0].score), (1, 3, 3.0));
+        let p3 = &runs[1];
         assert_eq!((p3.pod, p3.matched_blocks), (3, 2));
         assert!((p3.score - 1.8).abs() < 1e-9);
         assert_eq!(p3.tier_blocks[TIER_CPU as usize], 1);
@@ -158,18 +236,42 @@ mod tests {
     fn stops_pulling_keys_when_no_pod_is_left() {
         let ix = BlockIndex::new(100, 8, 4, false);
         ix.add(0, 1, 1, TIER_GPU, None);
-        let r = score_keys(&ix, 0, 1u64..1000, None, &weights());
+        let r = prefix_runs(&ix, 0, 1u64..1000, None, &weights());
         assert_eq!(r.keys_consumed, 2);
-        assert_eq!(r.scores[0].matched_blocks, 1);
+        assert_eq!(r.runs[0].matched_blocks, 1);
     }
 
     #[test]
-    fn filter_lists_every_candidate() {
+    fn the_filter_excludes_pods_not_named() {
         let ix = BlockIndex::new(100, 8, 4, false);
         ix.add(0, 1, 1, TIER_GPU, None);
         ix.add(0, 2, 1, TIER_GPU, None);
-        let r = score_keys(&ix, 0, [1u64].into_iter(), Some(&[2, 5]), &weights());
-        let got: Vec<_> = r.scores.iter().map(|s| (s.pod, s.matched_blocks)).collect();
-        assert_eq!(got, vec![(2, 1), (5, 0)]);
+        let r = prefix_runs(&ix, 0, [1u64].into_iter(), Some(&[2, 3]), &weights());
+        let got: Vec<_> = r.runs.iter().map(|s| (s.pod, s.matched_blocks)).collect();
+        assert_eq!(got, vec![(2, 1)]);
+    }
+
+    #[test]
+    fn rank_orders_by_score_then_blocks_then_name() {
+        let run = |pod, matched_blocks, score| PrefixRun { pod, matched_blocks, score, tier_blocks: [0; MAX_TIERS] };
+        // ids in the opposite order of names: the name decides ties
+        let runs = vec![run(0, 2, 2.0), run(3, 2, 2.0), run(2, 3, 2.0), run(1, 1, 0.8)];
+        let got: Vec<_> = rank(runs, None, names, &tiers(), 16).into_iter().map(|s| s.pod.to_string()).collect();
+        assert_eq!(got, ["beta", "gamma", "zeta", "alpha"]);
+    }
+
+    #[test]
+    fn rank_lists_every_candidate_once_with_zeros() {
+        let mut t = [0; MAX_TIERS];
+        t[TIER_CPU as usize] = 2;
+        let runs = vec![PrefixRun { pod: 2, matched_blocks: 2, score: 1.6, tier_blocks: t }];
+        let got = rank(runs, Some(&["new", "beta", "alpha", "new"]), names, &tiers(), 16);
+        let pods: Vec<_> = got.iter().map(|s| s.pod.to_string()).collect();
+        assert_eq!(pods, ["beta", "alpha", "new"]);
+        assert_eq!((got[0].matched_tokens, got[0].tier_blocks.clone()), (32, vec![("CPU".to_string(), 2)]));
+        for zero in &got[1..] {
+            assert_eq!((zero.matched_blocks, zero.matched_tokens, zero.score), (0, 0, 0.0));
+            assert!(zero.tier_blocks.is_empty());
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import subprocess
 import sys
@@ -25,8 +26,10 @@ from kvindex_service import (
     PodScore,
     PodState,
     ScoreResult,
+    ThreadStartError,
     TokenProcessor,
     _native,
+    index_defaults,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,6 +127,9 @@ def test_exception_hierarchy() -> None:
     assert issubclass(ClosedError, RuntimeError)
     assert not issubclass(ClosedError, ValueError)
     assert not issubclass(InvalidInputError, RuntimeError)
+    assert issubclass(ThreadStartError, KvIndexError)
+    assert issubclass(ThreadStartError, RuntimeError)
+    assert not issubclass(ThreadStartError, ValueError)
     with pytest.raises(ValueError):
         TokenProcessor(0)
     with pytest.raises(KvIndexError):
@@ -159,6 +165,43 @@ def test_properties() -> None:
     assert tp.block_keys(list(range(64))) == ix.block_keys(list(range(64)))
     assert Indexer().shards >= 1  # 0 means one per core
     ix.close()
+
+
+def test_index_defaults_are_the_signature_defaults() -> None:
+    defaults = index_defaults()
+    assert defaults is not index_defaults()  # a fresh dict each call
+    params = inspect.signature(Indexer).parameters
+    assert set(defaults) == set(params)
+    for name, value in defaults.items():
+        if name != "tier_weights":
+            assert params[name].default == value, name
+    assert params["tier_weights"].default is None
+    assert defaults["tier_weights"] == {"GPU": 1.0, "CPU": 0.8}
+    tp = inspect.signature(TokenProcessor).parameters
+    assert (tp["block_size"].default, tp["algorithm"].default) == (defaults["block_size"], defaults["algorithm"])
+    ix = Indexer(**defaults)
+    assert (ix.block_size, ix.algorithm, ix.hash_seed) == (16, "sha256_cbor", None)
+    ix.close()
+
+
+def test_service_settings_take_the_core_defaults() -> None:
+    from kvindex_service.config import IndexSettings
+
+    s = IndexSettings()
+    d = index_defaults()
+    got = (s.block_size, s.hash_seed, s.hash_algo, s.max_keys, s.max_pods_per_key, s.shards, s.queue_capacity)
+    assert got == (
+        d["block_size"],
+        d["hash_seed"],
+        d["algorithm"],
+        d["max_keys"],
+        d["max_pods_per_key"],
+        d["shards"],
+        d["queue_capacity"],
+    )
+    assert (s.tier_weights, s.key_memo) == (d["tier_weights"], d["key_memo"])
+    s.tier_weights["GPU"] = 0.0  # each settings object owns its dict
+    assert IndexSettings().tier_weights["GPU"] == 1.0
 
 
 def test_bad_tier_weights() -> None:
