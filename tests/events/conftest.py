@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
+from tests.events.helpers import Rig
+
 
 @pytest.fixture
 def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
@@ -14,3 +16,13 @@ def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def rig(zctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Rig]:
+    """Builds the test's indexers, publishers, subscribers and routers; tears them all down."""
+    built = Rig(zctx)
+    try:
+        yield built
+    finally:
+        built.close()

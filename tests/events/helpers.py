@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -19,6 +19,8 @@ import zmq
 
 from kvindex_service import Indexer
 from kvindex_service.events import Subscriber
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
 
 WAIT = 20.0
 """Generous deadline for conditions that normally hold within milliseconds."""
@@ -79,15 +81,17 @@ class Publisher:
             self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def probe(self, sub: Subscriber) -> None:
-        """Make sure the subscription has propagated (see module doc)."""
-        start = sub.stats()["messages_received"]
+        """Make sure the subscription has propagated (see module doc). Watches the probes'
+        own counter (one-frame messages are malformed frames), not messages in general: a
+        probe sent after a burst is only seen once everything published before it was."""
+        start = sub.stats()["malformed_frames"]
         deadline = time.monotonic() + WAIT
-        while sub.stats()["messages_received"] == start:
+        while sub.stats()["malformed_frames"] == start:
             if time.monotonic() > deadline:
                 raise AssertionError(f"subscription to {self.endpoint} never propagated")
             self.socket.send_multipart(PROBE)
             wait_for = time.monotonic() + 0.05
-            while sub.stats()["messages_received"] == start and time.monotonic() < wait_for:
+            while sub.stats()["malformed_frames"] == start and time.monotonic() < wait_for:
                 time.sleep(0.001)
 
     def send(self, frames: list[bytes]) -> None:
@@ -188,3 +192,58 @@ def stored_batch(hashes: list[int], parent: int | None, tokens: list[int], ts: f
 
 def removed_batch(hashes: list[int], ts: float = 1.0) -> bytes:
     return msgpack.packb([ts, [{"type": "BlockRemoved", "block_hashes": hashes, "medium": "GPU"}], 0])
+
+
+class Rig:
+    """What an event test builds (indexers, publishers, subscribers, replay routers), torn down
+    in a safe order when the test ends: subscribers stop before the sockets and indexers they
+    use are closed."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self._indexers: list[Indexer] = []
+        self._publishers: list[Publisher] = []
+        self._subscribers: list[Subscriber] = []
+        self._routers: list[Router] = []
+
+    def indexer(self, capture: dict[str, Any] | None = None, **kw: Any) -> Indexer:
+        ix = make_indexer(capture, **kw)
+        self._indexers.append(ix)
+        return ix
+
+    def publisher(self, **kw: Any) -> Publisher:
+        pub = Publisher(self.ctx, **kw)
+        self._publishers.append(pub)
+        return pub
+
+    def subscriber(self, ix: Any, *, probe: Iterable[Publisher] = (), start: bool = True, **kw: Any) -> Subscriber:
+        """A subscriber (started unless ``start=False``) that has heard every ``probe``."""
+        sub = Subscriber(ix, **kw)
+        self._subscribers.append(sub)
+        if start:
+            sub.start()
+        for pub in probe:
+            pub.probe(sub)
+        return sub
+
+    def bound_publisher(self, sub: Subscriber, **kw: Any) -> Publisher:
+        """A publisher connected to ``sub``'s bound endpoint, with its subscription probed."""
+        assert sub.bound_endpoint is not None
+        pub = self.publisher(connect_to=sub.bound_endpoint, **kw)
+        pub.probe(sub)
+        return pub
+
+    def router(self, replies: Callable[[int], list[list[bytes]]], **kw: Any) -> Router:
+        router = Router(replies, **kw)
+        self._routers.append(router)
+        return router
+
+    def close(self) -> None:
+        for sub in self._subscribers:
+            sub.stop()
+        for router in self._routers:
+            router.close()
+        for pub in self._publishers:
+            pub.close()
+        for ix in self._indexers:
+            ix.close()

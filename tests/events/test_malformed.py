@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import msgpack
-import zmq
 
-from kvindex_service.events import PodEndpoint, Subscriber
+from kvindex_service.events import PodEndpoint
 from tests.conftest import load_vllm_capture
-from tests.events.helpers import Publisher, check_expect, make_indexer
+from tests.events.helpers import Rig, check_expect
 
-Ctx = zmq.Context[zmq.Socket[bytes]]
 BAD_POD = "10.0.0.9:8000"
 MODEL = "meta-llama/Llama-3.2-3B-Instruct"
 
@@ -48,118 +46,94 @@ PAYLOAD_GARBAGE: list[bytes] = [
 ]
 
 
-def test_garbage_is_counted_and_skipped_in_bind_mode(zctx: Ctx) -> None:
+def test_garbage_is_counted_and_skipped_in_bind_mode(rig: Rig) -> None:
     capture = load_vllm_capture("0.24.0")
-    ix = make_indexer(capture)
-    sub = Subscriber(ix, bind="tcp://127.0.0.1:*")
-    try:
-        sub.start()
-        assert sub.bound_endpoint is not None
-        pub = Publisher(zctx, connect_to=sub.bound_endpoint)
-        bad = Publisher(zctx, connect_to=sub.bound_endpoint)
-        pub.probe(sub)
-        bad.probe(sub)
-        after_probes = sub.stats()
-        garbage = iter(FRAME_GARBAGE)
-        payloads = iter(enumerate(PAYLOAD_GARBAGE))
-        for msg in capture["messages"]:
-            # Interleave garbage between every real message, from another connection.
-            for _ in range(2):
-                frame_bad = next(garbage, None)
-                if frame_bad is not None:
-                    bad.send_wait(sub, frame_bad[1])
-                payload_bad = next(payloads, None)
-                if payload_bad is not None:
-                    seq, payload = payload_bad
-                    bad.send_wait(sub, [f"kv@{BAD_POD}@{MODEL}".encode(), _seq(seq), payload])
-            pub.send_wait(sub, msg["frames"])
-            check_expect(ix, capture, msg["expect_after"])
-        for seq, payload in payloads:
-            bad.send_wait(sub, [f"kv@{BAD_POD}@{MODEL}".encode(), _seq(seq), payload])
+    ix = rig.indexer(capture)
+    sub = rig.subscriber(ix, bind="tcp://127.0.0.1:*")
+    pub = rig.bound_publisher(sub)
+    bad = rig.bound_publisher(sub)
+    after_probes = sub.stats()
+    garbage = iter(FRAME_GARBAGE)
+    payloads = iter(enumerate(PAYLOAD_GARBAGE))
+    for msg in capture["messages"]:
+        # Interleave garbage between every real message, from another connection.
+        for _ in range(2):
+            frame_bad = next(garbage, None)
+            if frame_bad is not None:
+                bad.send_wait(sub, frame_bad[1])
+            payload_bad = next(payloads, None)
+            if payload_bad is not None:
+                seq, payload = payload_bad
+                bad.send_wait(sub, [f"kv@{BAD_POD}@{MODEL}".encode(), _seq(seq), payload])
+        pub.send_wait(sub, msg["frames"])
+        check_expect(ix, capture, msg["expect_after"])
+    for seq, payload in payloads:
+        bad.send_wait(sub, [f"kv@{BAD_POD}@{MODEL}".encode(), _seq(seq), payload])
 
-        stats = sub.stats()
-        for reason in ("frames", "seq", "topic"):
-            expected = sum(1 for r, _ in FRAME_GARBAGE if r == reason)
-            assert stats[f"malformed_{reason}"] - after_probes[f"malformed_{reason}"] == expected
-        assert stats["internal_errors"] == stats["submit_errors"] == 0
-        assert stats["messages_applied"] == len(capture["messages"]) + len(PAYLOAD_GARBAGE)
-        assert sub.running
-        bad_state = sub.pod_state(BAD_POD)
-        assert bad_state is not None
-        # All but the huge token-less store are decode errors; that one is a well-formed
-        # store of blocks the core cannot place (no tokens, unknown hashes), which it counts.
-        assert bad_state["decode_errors"] == len(PAYLOAD_GARBAGE) - 1
-        assert bad_state["malformed_messages"] == 2  # the two bad seq frames
-        assert bad_state["blocks_by_tier"].get("GPU", 0) == 0
-        assert bad_state["gaps"] == 0 and bad_state["last_seq"] == len(PAYLOAD_GARBAGE) - 1
-        for pod in ("10.0.0.1:8000", "10.0.0.2:8000"):
-            good = sub.pod_state(pod)
-            assert good is not None
-            assert good["decode_errors"] == 0 and good["malformed_messages"] == 0
-        pub.close()
-        bad.close()
-    finally:
-        sub.stop()
-        ix.close()
+    stats = sub.stats()
+    for reason in ("frames", "seq", "topic"):
+        expected = sum(1 for r, _ in FRAME_GARBAGE if r == reason)
+        assert stats[f"malformed_{reason}"] - after_probes[f"malformed_{reason}"] == expected
+    assert stats["internal_errors"] == stats["submit_errors"] == 0
+    assert stats["messages_applied"] == len(capture["messages"]) + len(PAYLOAD_GARBAGE)
+    assert sub.running
+    bad_state = sub.pod_state(BAD_POD)
+    assert bad_state is not None
+    # All but the huge token-less store are decode errors; that one is a well-formed
+    # store of blocks the core cannot place (no tokens, unknown hashes), which it counts.
+    assert bad_state["decode_errors"] == len(PAYLOAD_GARBAGE) - 1
+    assert bad_state["malformed_messages"] == 2  # the two bad seq frames
+    assert bad_state["blocks_by_tier"].get("GPU", 0) == 0
+    assert bad_state["gaps"] == 0 and bad_state["last_seq"] == len(PAYLOAD_GARBAGE) - 1
+    for pod in ("10.0.0.1:8000", "10.0.0.2:8000"):
+        good = sub.pod_state(pod)
+        assert good is not None
+        assert good["decode_errors"] == 0 and good["malformed_messages"] == 0
 
 
-def test_garbage_on_a_named_connect_endpoint_is_attributed_to_its_pod(zctx: Ctx) -> None:
+def test_garbage_on_a_named_connect_endpoint_is_attributed_to_its_pod(rig: Rig) -> None:
     capture = load_vllm_capture("0.11.0")
-    ix = make_indexer(capture)
-    pub = Publisher(zctx)
-    sub = Subscriber(ix, pods=[PodEndpoint(pub.endpoint, pod_id="pod-a")])
-    try:
-        sub.start()
-        pub.probe(sub)  # the probe itself is a one-frame message
-        for _, frames in FRAME_GARBAGE:
-            pub.send_wait(sub, frames)
-        state = sub.pod_state("pod-a")
-        assert state is not None
-        # With an explicit pod id, everything on the connection is that pod's (+1: the probe).
-        assert state["malformed_messages"] == len(FRAME_GARBAGE) + 1
-        first = [m for m in capture["messages"] if m["pod"] == "10.0.0.1:8000"][0]
-        pub.send_wait(sub, first["frames"])
-        check_expect(
-            ix, capture, {"10.0.0.1:8000": first["expect_after"]["10.0.0.1:8000"]}, rename={"10.0.0.1:8000": "pod-a"}
-        )
-    finally:
-        sub.stop()
-        pub.close()
-        ix.close()
+    ix = rig.indexer(capture)
+    pub = rig.publisher()
+    # the probe itself is a one-frame message
+    sub = rig.subscriber(ix, pods=[PodEndpoint(pub.endpoint, pod_id="pod-a")], probe=[pub])
+    for _, frames in FRAME_GARBAGE:
+        pub.send_wait(sub, frames)
+    state = sub.pod_state("pod-a")
+    assert state is not None
+    # With an explicit pod id, everything on the connection is that pod's (+1: the probe).
+    assert state["malformed_messages"] == len(FRAME_GARBAGE) + 1
+    first = [m for m in capture["messages"] if m["pod"] == "10.0.0.1:8000"][0]
+    pub.send_wait(sub, first["frames"])
+    check_expect(
+        ix, capture, {"10.0.0.1:8000": first["expect_after"]["10.0.0.1:8000"]}, rename={"10.0.0.1:8000": "pod-a"}
+    )
 
 
-def test_oversized_message_drops_only_that_connection(zctx: Ctx) -> None:
+def test_oversized_message_drops_only_that_connection(rig: Rig) -> None:
     """A message over max_message_bytes makes libzmq drop the connection before the message is
     buffered; the pod reconnects and later messages flow again."""
     capture = load_vllm_capture("0.26.0")
-    ix = make_indexer(capture)
-    big = Publisher(zctx)
-    other = Publisher(zctx)
-    sub = Subscriber(ix, pods=[PodEndpoint(big.endpoint), PodEndpoint(other.endpoint)], max_message_bytes=64 * 1024)
-    try:
-        sub.start()
-        big.probe(sub)
-        other.probe(sub)
-        received = sub.stats()["messages_received"]
-        probes = sub.stats()["malformed_frames"]
-        big.send([f"kv@{BAD_POD}@{MODEL}".encode(), _seq(0), b"\x00" * (1024 * 1024)])
-        msgs = capture["messages"]
-        second = [m for m in msgs if m["pod"] == "10.0.0.2:8000"]
-        other.send_wait(sub, second[0]["frames"])
-        # The big connection reconnects and re-subscribes; probing waits for that.
-        big.probe(sub)
-        first = [m for m in msgs if m["pod"] == "10.0.0.1:8000"][0]
-        big.send_wait(sub, first["frames"])
-        check_expect(ix, capture, {"10.0.0.1:8000": first["expect_after"]["10.0.0.1:8000"]})
-        assert sub.pod_state(BAD_POD) is None  # the oversized message never got in
-        stats = sub.stats()
-        assert stats["messages_applied"] == 2
-        assert stats["reconnects"] >= 1  # re-dialled after libzmq dropped the link
-        # Everything received since is one of the two real messages or a probe.
-        assert stats["messages_received"] - received == 2 + stats["malformed_frames"] - probes
-        check_expect(ix, capture, {"10.0.0.2:8000": second[0]["expect_after"]["10.0.0.2:8000"]})
-    finally:
-        sub.stop()
-        big.close()
-        other.close()
-        ix.close()
+    ix = rig.indexer(capture)
+    big = rig.publisher()
+    other = rig.publisher()
+    pods = [PodEndpoint(big.endpoint), PodEndpoint(other.endpoint)]
+    sub = rig.subscriber(ix, pods=pods, max_message_bytes=64 * 1024, probe=[big, other])
+    received = sub.stats()["messages_received"]
+    probes = sub.stats()["malformed_frames"]
+    big.send([f"kv@{BAD_POD}@{MODEL}".encode(), _seq(0), b"\x00" * (1024 * 1024)])
+    msgs = capture["messages"]
+    second = [m for m in msgs if m["pod"] == "10.0.0.2:8000"]
+    other.send_wait(sub, second[0]["frames"])
+    # The big connection reconnects and re-subscribes; probing waits for that.
+    big.probe(sub)
+    first = [m for m in msgs if m["pod"] == "10.0.0.1:8000"][0]
+    big.send_wait(sub, first["frames"])
+    check_expect(ix, capture, {"10.0.0.1:8000": first["expect_after"]["10.0.0.1:8000"]})
+    assert sub.pod_state(BAD_POD) is None  # the oversized message never got in
+    stats = sub.stats()
+    assert stats["messages_applied"] == 2
+    assert stats["reconnects"] >= 1  # re-dialled after libzmq dropped the link
+    # Everything received since is one of the two real messages or a probe.
+    assert stats["messages_received"] - received == 2 + stats["malformed_frames"] - probes
+    check_expect(ix, capture, {"10.0.0.2:8000": second[0]["expect_after"]["10.0.0.2:8000"]})

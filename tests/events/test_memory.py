@@ -10,10 +10,8 @@ from typing import Any
 import zmq
 
 from kvindex_service import Indexer
-from kvindex_service.events import Subscriber
-from tests.events.helpers import WAIT, Publisher, make_indexer, wait_until
+from tests.events.helpers import WAIT, Rig, wait_until
 
-Ctx = zmq.Context[zmq.Socket[bytes]]
 HWM = 50
 FLOOD = 3000
 PAYLOAD = b"\x00" * 65536
@@ -39,60 +37,42 @@ class GatedIndexer:
         return getattr(self.ix, name)
 
 
-def test_flood_is_bounded_by_the_high_water_marks(zctx: Ctx, tmp_path: Path) -> None:
-    ix = make_indexer(shards=1)
+def test_flood_is_bounded_by_the_high_water_marks(rig: Rig, tmp_path: Path) -> None:
+    ix = rig.indexer(shards=1)
     gated = GatedIndexer(ix)
     # ipc keeps kernel socket buffers small next to 64 KiB messages, so the HWMs dominate.
-    sub = Subscriber(gated, bind=f"ipc://{tmp_path}/kv.sock", rcvhwm=HWM)  # type: ignore[arg-type]
-    pub: Publisher | None = None
-    try:
-        sub.start()
-        assert sub.bound_endpoint is not None
-        pub = Publisher(zctx, connect_to=sub.bound_endpoint, sndhwm=HWM)
-        pub.probe(sub)
-        probes = sub.stats()["messages_received"]
-        topic = b"kv@flood@m"
-        pub.send([topic, (0).to_bytes(8, "big"), PAYLOAD])
-        assert gated.blocked.wait(WAIT)  # the loop is stuck handing batch 0 to the core
-        for seq in range(1, FLOOD):
-            pub.socket.send_multipart([topic, seq.to_bytes(8, "big"), PAYLOAD], zmq.NOBLOCK)
-        gated.gate.set()
-        pub.probe(sub)  # arrives after everything that was queued ahead of it
-        assert sub.sync(WAIT)
+    sub = rig.subscriber(gated, bind=f"ipc://{tmp_path}/kv.sock", rcvhwm=HWM)
+    pub = rig.bound_publisher(sub, sndhwm=HWM)
+    probes = sub.stats()["messages_received"]
+    topic = b"kv@flood@m"
+    pub.send([topic, (0).to_bytes(8, "big"), PAYLOAD])
+    assert gated.blocked.wait(WAIT)  # the loop is stuck handing batch 0 to the core
+    for seq in range(1, FLOOD):
+        pub.socket.send_multipart([topic, seq.to_bytes(8, "big"), PAYLOAD], zmq.NOBLOCK)
+    gated.gate.set()
+    pub.probe(sub)  # arrives after everything that was queued ahead of it
+    assert sub.sync(WAIT)
 
-        stats = sub.stats()
-        probes = stats["malformed_frames"]  # every probe, before and after the flood
-        flood_received = stats["messages_received"] - probes
-        assert flood_received == stats["messages_applied"]
-        # Only what fits in the two high-water marks (plus libzmq's in-flight batches) was kept.
-        assert 1 <= flood_received <= 4 * HWM + 50 < FLOOD
-        state = sub.pod_state("flood")
-        assert state is not None
-        assert state["gaps"] >= 1 and state["gaps"] == state["unrecoverable_gaps"]
-        assert state["decode_errors"] == flood_received
-    finally:
-        sub.stop()
-        if pub is not None:
-            pub.close()
-        ix.close()
+    stats = sub.stats()
+    probes = stats["malformed_frames"]  # every probe, before and after the flood
+    flood_received = stats["messages_received"] - probes
+    assert flood_received == stats["messages_applied"]
+    # Only what fits in the two high-water marks (plus libzmq's in-flight batches) was kept.
+    assert 1 <= flood_received <= 4 * HWM + 50 < FLOOD
+    state = sub.pod_state("flood")
+    assert state is not None
+    assert state["gaps"] >= 1 and state["gaps"] == state["unrecoverable_gaps"]
+    assert state["decode_errors"] == flood_received
 
 
-def test_pushback_is_counted_when_the_shard_queue_is_full(zctx: Ctx) -> None:
+def test_pushback_is_counted_when_the_shard_queue_is_full(rig: Rig) -> None:
     """A one-slot shard queue makes ``submit`` wait; the subscriber counts each wait."""
-    ix = make_indexer(shards=1, queue_capacity=1)
-    sub = Subscriber(ix, bind="tcp://127.0.0.1:*")
-    try:
-        sub.start()
-        assert sub.bound_endpoint is not None
-        pub = Publisher(zctx, connect_to=sub.bound_endpoint)
-        pub.probe(sub)
-        for seq in range(500):
-            pub.send([b"kv@p@m", seq.to_bytes(8, "big"), PAYLOAD])
-        # a probe cannot mark the end here: the 500 batches themselves move the counter
-        wait_until(lambda: sub.stats()["messages_applied"] == 500, what="all 500 batches applied")
-        assert sub.sync(WAIT)
-        assert sub.stats()["pushbacks"] == ix.counters()["queue_pushbacks"]
-        pub.close()
-    finally:
-        sub.stop()
-        ix.close()
+    ix = rig.indexer(shards=1, queue_capacity=1)
+    sub = rig.subscriber(ix, bind="tcp://127.0.0.1:*")
+    pub = rig.bound_publisher(sub)
+    for seq in range(500):
+        pub.send([b"kv@p@m", seq.to_bytes(8, "big"), PAYLOAD])
+    # a probe cannot mark the end here: the 500 batches themselves move the counter
+    wait_until(lambda: sub.stats()["messages_applied"] == 500, what="all 500 batches applied")
+    assert sub.sync(WAIT)
+    assert sub.stats()["pushbacks"] == ix.counters()["queue_pushbacks"]
