@@ -2,8 +2,9 @@
 
 The simulator needs deterministic results, so before each routing decision at simulated
 time t it waits until kvindex has applied every batch the pods published up to t. It
-knows what "every batch" means because it knows each publisher's last sequence number,
-and the core records the last applied sequence number per pod.
+knows what "every batch" means because it knows each publisher's last sequence number;
+the core records, per pod, the sequence number of the last batch it was handed (set when
+the batch starts applying), and ``Indexer.flush`` then waits for that batch to be applied.
 """
 
 from __future__ import annotations
@@ -91,11 +92,26 @@ class KvindexFeed:
                 raise IngestTimeout(f"kvindex did not subscribe to pod {p.pod_id} within 10 s")
 
     def sync(self) -> None:
-        """Return once kvindex has applied every batch published so far."""
+        """Return once kvindex has applied every batch published so far.
+
+        Two explicit barriers, no reliance on timing:
+
+        1. per pod, the core's ``last_seq`` reaches the publisher's: the pod's last batch
+           has been received by the subscriber and handed to the core. The core records a
+           batch's sequence number when it *starts* applying it, so this alone says the
+           batch is being applied, not that it has been;
+        2. ``Indexer.flush``: a barrier queued on every shard behind those batches,
+           acknowledged once everything before it is applied.
+
+        Checking the sequence numbers after a flush instead (the order used before) lets a
+        decision read a half-applied batch whenever the shard worker is preempted
+        mid-batch, as happens on a loaded machine. The wait is bounded by ``sync_timeout``
+        only to turn a lost message into an error (``IngestTimeout``) instead of a hang;
+        it never changes a result.
+        """
         deadline = time.monotonic() + self.sync_timeout
         pending = [p for p in self.pods if p.publisher is not None and p.publisher.last_seq is not None]
         while pending:
-            self.subscriber.sync(1.0)
             still = []
             for p in pending:
                 assert p.publisher is not None
@@ -104,13 +120,20 @@ class KvindexFeed:
                 if state is None or state.last_seq is None or target is None or state.last_seq < target:
                     still.append(p)
             pending = still
-            if pending:
-                self.sync_waits += 1
-                if time.monotonic() > deadline:
-                    raise IngestTimeout(
-                        f"kvindex did not apply events of {[p.pod_id for p in pending]} within {self.sync_timeout} s"
-                    )
-                time.sleep(0.0001)
+            if not pending:
+                break
+            self.sync_waits += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise IngestTimeout(
+                    f"kvindex did not receive the events of {[p.pod_id for p in pending]} within {self.sync_timeout} s"
+                )
+            # Wait for what the subscriber has received to reach the core (returns at once
+            # when nothing new has arrived yet, hence the short pause).
+            self.subscriber.sync(min(1.0, remaining))
+            time.sleep(0.0001)
+        if not self.indexer.flush(max(0.0, deadline - time.monotonic())):
+            raise IngestTimeout(f"kvindex did not apply the events it received within {self.sync_timeout} s")
 
     def check(self, pod: SimPod, token_ids: Sequence[int]) -> None:
         """Compare the index's view of ``pod`` with its true pool for this prompt."""

@@ -28,8 +28,13 @@ __all__ = ["KvindexPickerRouter"]
 
 T = TypeVar("T")
 
-# Generous: a timeout would make the pick fail open, and results would depend on machine speed.
+# The picker's deadlines are wall-clock; a simulated decision must not depend on how fast the
+# machine is. The in-process scorer gets no deadline at all (a slow machine waits instead of
+# picking without KV scores), sessions never expire by wall-clock time, and every pick that
+# fell open anyway is counted (``picker.fail_open``, ``picker_fallbacks``) for tests to assert 0.
 SCORER_TIMEOUT_MS = 10_000.0
+"""The configured scorer deadline; unused by the in-process scorer, which has none."""
+SESSION_TTL_S = 1e12
 
 
 class KvindexPickerRouter(KvindexDirectRouter):
@@ -60,13 +65,15 @@ class KvindexPickerRouter(KvindexDirectRouter):
         self._thread.start()
         self._tokenizers = TokenizerPool()  # token-id prompts need no tokenizer
         service = ScoringService(self.feed.indexer, self._tokenizers)
-        config = ExtprocConfig.model_validate({"endpoints": self._ids, "timeout_ms": SCORER_TIMEOUT_MS})
+        config = ExtprocConfig.model_validate(
+            {"endpoints": self._ids, "timeout_ms": SCORER_TIMEOUT_MS, "session_ttl_s": SESSION_TTL_S}
+        )
         if kwargs.get("picker_load_weight") is not None:
             weights = config.weights.model_copy(update={"load": kwargs["picker_load_weight"]})
             config = config.model_copy(update={"weights": weights})
 
         async def start() -> tuple[Any, EnvoyClient]:
-            server = await start_picker(config, scorer=InProcessScorer(service, timeout_ms=SCORER_TIMEOUT_MS))
+            server = await start_picker(config, scorer=InProcessScorer(service, timeout_ms=None))
             return server, EnvoyClient(f"127.0.0.1:{server.port}")
 
         self._server, self._client = self._call(start())

@@ -44,8 +44,19 @@ def test_kvindex_beats_round_robin_and_tracks_the_oracle(report: dict[str, Any])
         assert acc["accuracy"] >= 0.99
 
 
+def _assert_no_fallback(rep: dict[str, Any]) -> None:
+    """Every kvindex pick was scored: a pick that fell open (scorer deadline, breaker,
+    shedding) would make the numbers depend on the machine's speed."""
+    m = rep["routers"]["kvindex"]
+    assert m["picker_fallbacks"] == 0
+    assert m["picker"]["fail_open"] == 0
+    assert m["picker"]["scorer_outcomes"] == {"ok": rep["workload"]["requests"]}
+
+
 def test_same_seed_same_numbers(tmp_path: Path, report: dict[str, Any]) -> None:
     again = _run(tmp_path, "b", "--seed", "5")
+    _assert_no_fallback(report)
+    _assert_no_fallback(again)
     assert strip_wall_clock(again["routers"]) == strip_wall_clock(report["routers"])
     other = _run(tmp_path, "c", "--seed", "6", "--routers", "round-robin")
     assert other["workload"] != report["workload"]
