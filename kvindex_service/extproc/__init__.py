@@ -18,6 +18,7 @@ from kvindex_service.extproc.scorer_client import (
     ScorerError,
     ScorerRejected,
     ScorerTimeout,
+    ScorerUnauthorized,
 )
 from kvindex_service.extproc.server import (
     DESTINATION_HEADER,
@@ -47,6 +48,7 @@ __all__ = [
     "ScorerError",
     "ScorerRejected",
     "ScorerTimeout",
+    "ScorerUnauthorized",
     "parse_body",
     "start_picker",
 ]

@@ -141,13 +141,22 @@ class RouteResult:
 class EnvoyClient:
     """One gRPC channel to a picker; ``route`` per HTTP request."""
 
-    def __init__(self, target: str, *, authority: str = "llm.example.com") -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        authority: str = "llm.example.com",
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """``credentials`` (``grpc.ssl_channel_credentials(...)``): connect with TLS, as an
+        Envoy configured with a TLS transport socket to a ``--tls-cert`` picker does."""
         self.target = target
         self.authority = authority
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
-        )
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = ep_grpc.ExternalProcessorStub(self._channel)
 
     async def __aenter__(self) -> EnvoyClient:

@@ -10,10 +10,11 @@ short version is on each field.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvindex_service.extproc.hints import HintError, canonical_endpoint
 
 __all__ = ["DEFAULT_SESSION_HEADER", "ExtprocConfig", "PolicyWeights", "parse_endpoint"]
 
@@ -24,24 +25,15 @@ def parse_endpoint(value: str) -> tuple[str, int]:
     """Split ``ip:port`` (``[v6]:port`` for IPv6) and check both halves.
 
     Envoy's ORIGINAL_DST cluster connects to the literal address in the header, so a host
-    name would not be resolved there: only IP literals are accepted.
+    name would not be resolved there: only IP literals are accepted (the same rule as for
+    subset-hint entries, see :mod:`.hints`).
     """
-    text = value.strip()
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"endpoint {value!r}: expected [ipv6]:port")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"endpoint {value!r}: expected ip:port")
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"endpoint {value!r}: {host!r} is not an IP address") from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"endpoint {value!r}: bad port {port_text!r}")
-    return host, int(port_text)
+        ep = canonical_endpoint(value)
+    except HintError as exc:
+        raise ValueError(f"endpoint {exc}") from None
+    host, _, port = ep.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class PolicyWeights(BaseModel):
@@ -116,15 +108,26 @@ class ExtprocConfig(BaseModel):
     breaker_failures: int = Field(5, ge=1, description="consecutive scorer failures that open the circuit breaker")
     breaker_cooldown_s: float = Field(2.0, ge=0.0, description="while open, requests skip the scorer; then one probe")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port, 0 = off")
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = Field("0.0.0.0", min_length=1, description="Prometheus listen address")
+    tls_cert: str | None = Field(None, description="PEM certificate chain: the gRPC server speaks TLS")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: str | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mTLS)"
+    )
+    scorer_ca_file: str | None = Field(None, description="PEM CA bundle that verifies an https:// scorer_url")
+    scorer_token_file: str | None = Field(
+        None, description="file holding the bearer token sent to the scorer (else $KVINDEX_SCORER_TOKEN)"
+    )
 
     @field_validator("endpoints")
     @classmethod
     def _check_endpoints(cls, value: list[str]) -> list[str]:
         seen: list[str] = []
         for item in value:
-            parse_endpoint(item)
-            ep = item.strip()
+            try:
+                ep = canonical_endpoint(item)
+            except HintError as exc:
+                raise ValueError(f"endpoint {exc}") from None
             if ep not in seen:
                 seen.append(ep)
         return seen
@@ -144,3 +147,23 @@ class ExtprocConfig(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"scorer_url {value!r}: expected http:// or https://")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ExtprocConfig:
+        if self.tls_cert is not None and self.tls_key is None:
+            raise ValueError(f"tls_cert (--tls-cert) {self.tls_cert!r} needs tls_key (--tls-key): give both or neither")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError(f"tls_key (--tls-key) {self.tls_key!r} needs tls_cert (--tls-cert): give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (--tls-client-ca) needs tls_cert and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _check_scorer_tls(self) -> ExtprocConfig:
+        if (
+            self.scorer_ca_file is not None
+            and self.scorer_url is not None
+            and not self.scorer_url.startswith("https://")
+        ):
+            raise ValueError(f"scorer_ca_file (--scorer-ca-file) needs an https:// scorer_url, got {self.scorer_url!r}")
+        return self

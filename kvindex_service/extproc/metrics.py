@@ -44,7 +44,7 @@ class _Collector(Collector):
         yield decisions
         scorer = CounterMetricFamily(
             "kvindex_extproc_scorer_requests",
-            "Scorer calls by outcome (ok, error, timeout, rejected, breaker_open, no_scorer, unscored)",
+            "Scorer calls by outcome (ok, error, timeout, unauthorized, rejected, breaker_open, no_scorer, unscored)",
             labels=["outcome"],
         )
         for outcome, n in sorted(dict(p.scorer_outcomes).items()):
@@ -65,6 +65,14 @@ class _Collector(Collector):
         for status, n in sorted(dict(self._streams.bad_requests).items()):
             immediate.add_metric([str(status)], n)
         yield immediate
+        dropped = CounterMetricFamily(
+            "kvindex_extproc_subset_hint_dropped",
+            "Subset-hint entries not routed to, by reason (malformed, not_unicast, not_configured, over_limit)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(dict(self._streams.hint_dropped).items()):
+            dropped.add_metric([reason], n)
+        yield dropped
         inflight = GaugeMetricFamily(
             "kvindex_extproc_inflight_requests", "Requests in flight per endpoint", labels=["endpoint"]
         )
@@ -121,7 +129,7 @@ class PickerMetrics:
         httpd, thread = start_http_server(port, addr=host, registry=self.registry)
         self._httpd, self._thread = httpd, thread
         self.port = int(httpd.server_port)
-        log.info("metrics exporter listening", extra={"port": self.port})
+        log.info("metrics exporter listening", extra={"host": host, "port": self.port})
         return self.port
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -40,6 +41,7 @@ __all__ = [
     "ScorerError",
     "ScorerRejected",
     "ScorerTimeout",
+    "ScorerUnauthorized",
     "kv_scores_from_json",
     "weighted_prefix",
 ]
@@ -55,6 +57,13 @@ class ScorerError(Exception):
 
 class ScorerTimeout(ScorerError):
     outcome = "timeout"
+
+
+class ScorerUnauthorized(ScorerError):
+    """The scorer refused the picker's credentials (401/403): a configuration problem, so it
+    counts against the circuit breaker like an outage."""
+
+    outcome = "unauthorized"
 
 
 class ScorerRejected(ScorerError):
@@ -149,6 +158,10 @@ class HttpScorer:
     One keep-alive connection pool is reused for every request, so the steady-state cost is
     one loopback/cluster round trip plus the scoring itself. The deadline is enforced with
     ``asyncio.timeout`` around the whole exchange (httpx's own timeouts are per phase).
+
+    ``token`` is sent as ``Authorization: Bearer <token>`` (the scoring service requires it
+    when ``KVINDEX_HTTP__AUTH_TOKEN`` is set); ``verify`` is the TLS context that checks an
+    ``https://`` scorer (``True``: the system trust store).
     """
 
     def __init__(
@@ -158,15 +171,21 @@ class HttpScorer:
         timeout_ms: float = 50.0,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        token: str | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._url = base_url.rstrip("/") + "/score"
+        headers = {"content-type": "application/json"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
         self._timeout = timeout_ms / 1000.0
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(max(self._timeout, 0.001)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
             trust_env=False,  # the scorer is cluster-internal: never via an HTTP proxy
-            headers={"content-type": "application/json"},
+            headers=headers,
+            verify=verify,
         )
 
     async def score(self, query: PromptQuery, pods: Sequence[str]) -> KvScores:
@@ -181,6 +200,8 @@ class HttpScorer:
             raise ScorerTimeout(f"scorer timed out: {exc!r}") from None
         except httpx.HTTPError as exc:
             raise ScorerError(f"scorer unreachable: {exc!r}") from None
+        if resp.status_code in (401, 403):
+            raise ScorerUnauthorized(f"scorer refused the picker's credentials ({resp.status_code}): check the token")
         if 400 <= resp.status_code < 500:
             raise ScorerRejected(f"scorer answered {resp.status_code}: {content[:200]!r}")
         if resp.status_code != 200:

@@ -29,7 +29,6 @@ fails a request: the pick is made by load and affinity (fail open) and counted.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -40,15 +39,17 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
+from kvindex_service.extproc.bind import check_free, grpc_target
 from kvindex_service.extproc.config import ExtprocConfig
+from kvindex_service.extproc.hints import SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE, SubsetHintFilter
 from kvindex_service.extproc.interceptors import ErrorMappingInterceptor, ProtocolError
 from kvindex_service.extproc.metrics import PickerMetrics
 from kvindex_service.extproc.picker import Decision, Lease, Picker
 from kvindex_service.extproc.prompt import BadRequest, PromptQuery, is_scored_path, parse_body, route_path
+from kvindex_service.extproc.responses import DESTINATION_HEADER, LB_NAMESPACE, MAX_STREAMED_CHUNK, Responses
 from kvindex_service.extproc.scorer_client import HttpScorer, Scorer
+from kvindex_service.extproc.security import ConfigError, scorer_ssl_context, scorer_token, server_credentials
 from kvindex_service.extproc.stats import StreamStats
 
 __all__ = [
@@ -65,18 +66,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-LB_NAMESPACE = "envoy.lb"
-SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
-SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
-#: Envoy's limit for one streamed_response body chunk (the GAIE EPP uses the same bound).
-MAX_STREAMED_CHUNK = 62_000
-
 _Mode = processing_mode_pb2.ProcessingMode
 _BUFFERED = _Mode.BUFFERED
 _STREAMED = _Mode.STREAMED
 _DUPLEX: int = _Mode.FULL_DUPLEX_STREAMED
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def _header_value(h: base_pb2.HeaderValue) -> str:
@@ -87,107 +80,6 @@ def _header_value(h: base_pb2.HeaderValue) -> str:
         return raw.decode("utf-8", "replace")
     value: str = h.value
     return value
-
-
-def _subset_hint(metadata: base_pb2.Metadata, limit: int) -> list[str] | None:
-    ns = metadata.filter_metadata.get(SUBSET_HINT_NAMESPACE)
-    if ns is None or SUBSET_HINT_KEY not in ns.fields:
-        return None
-    value = ns.fields[SUBSET_HINT_KEY]
-    kind = value.WhichOneof("kind")
-    if kind == "list_value":
-        items = [v.string_value for v in value.list_value.values[:limit] if v.WhichOneof("kind") == "string_value"]
-    elif kind == "string_value":
-        # Tolerate a comma-separated string (some control planes flatten lists).
-        items = [s for s in value.string_value.split(",")[:limit]]
-    else:
-        return []
-    return [s.strip() for s in items if s.strip() and len(s) <= 256]
-
-
-class _Responses:
-    """Builders for every answer this server sends."""
-
-    def __init__(self) -> None:
-        self.headers_continue = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
-        self.body_continue = ep.ProcessingResponse(request_body=ep.BodyResponse())
-        self.trailers_continue = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
-        self.resp_headers_continue = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
-        self.resp_body_continue = ep.ProcessingResponse(response_body=ep.BodyResponse())
-        self.resp_trailers_continue = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
-
-    @staticmethod
-    def _common(endpoint: str) -> ep.CommonResponse:
-        return ep.CommonResponse(
-            header_mutation=ep.HeaderMutation(
-                set_headers=[
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=endpoint.encode()),
-                        append_action=_OVERWRITE,
-                    )
-                ]
-            ),
-            clear_route_cache=True,
-        )
-
-    @staticmethod
-    def _metadata(endpoint: str) -> struct_pb2.Struct:
-        meta = struct_pb2.Struct()
-        meta.update({LB_NAMESPACE: {DESTINATION_HEADER: endpoint}})
-        return meta
-
-    def pick_headers(self, endpoint: str) -> ep.ProcessingResponse:
-        return ep.ProcessingResponse(
-            request_headers=ep.HeadersResponse(response=self._common(endpoint)),
-            dynamic_metadata=self._metadata(endpoint),
-        )
-
-    def pick_body(self, endpoint: str) -> ep.ProcessingResponse:
-        return ep.ProcessingResponse(
-            request_body=ep.BodyResponse(response=self._common(endpoint)),
-            dynamic_metadata=self._metadata(endpoint),
-        )
-
-    def pick_trailers(self, endpoint: str) -> ep.ProcessingResponse:
-        # Trailers cannot carry request-header mutations: only the metadata route remains.
-        return ep.ProcessingResponse(request_trailers=ep.TrailersResponse(), dynamic_metadata=self._metadata(endpoint))
-
-    @staticmethod
-    def immediate(status: int, message: str) -> ep.ProcessingResponse:
-        body = json.dumps({"error": {"message": message, "type": "routing_error", "code": status}})
-        return ep.ProcessingResponse(
-            immediate_response=ep.ImmediateResponse(
-                status=http_status_pb2.HttpStatus(code=status),
-                headers=ep.HeaderMutation(
-                    set_headers=[
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-                            append_action=_OVERWRITE,
-                        )
-                    ]
-                ),
-                body=body.encode(),
-                details=f"kvindex_extproc_{status}",
-            )
-        )
-
-    @staticmethod
-    def streamed(
-        body: bytes | bytearray, end_of_stream: bool, *, response: bool = False
-    ) -> list[ep.ProcessingResponse]:
-        """``body`` as streamed_response body mutations of at most MAX_STREAMED_CHUNK bytes."""
-        view = memoryview(body)
-        pieces = [bytes(view[i : i + MAX_STREAMED_CHUNK]) for i in range(0, len(view), MAX_STREAMED_CHUNK)] or [b""]
-        out = []
-        for i, piece in enumerate(pieces):
-            mutation = ep.BodyMutation(
-                streamed_response=ep.StreamedBodyResponse(
-                    body=piece, end_of_stream=end_of_stream and i == len(pieces) - 1
-                )
-            )
-            br = ep.BodyResponse(response=ep.CommonResponse(body_mutation=mutation))
-            out.append(ep.ProcessingResponse(response_body=br) if response else ep.ProcessingResponse(request_body=br))
-        return out
 
 
 class _Stream:
@@ -247,7 +139,7 @@ class _Stream:
             self.req_mode = pc.request_body_mode
             self.resp_mode = pc.response_body_mode
         if req.HasField("metadata_context"):
-            hint = _subset_hint(req.metadata_context, self.srv.config.max_subset)
+            hint = self.srv.hints.read(req.metadata_context)
             if hint is not None:
                 self.subset = hint
         self.observe = req.observability_mode
@@ -418,7 +310,8 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
         self.config = config
         self.metrics = metrics
         self.stats = stats
-        self.responses = _Responses()
+        self.responses = Responses()
+        self.hints = SubsetHintFilter(config.endpoints, config.max_subset, stats.hint_dropped)
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
@@ -499,13 +392,26 @@ async def start_picker(
     scorer: Scorer | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    scorer_bearer: str | None = None,
 ) -> PickerServer:
     """Start the ext_proc server on ``host:port`` (0 = a free port) and, if configured, the
     metrics exporter. Without ``scorer``, an :class:`HttpScorer` on ``config.scorer_url`` is
-    created (and closed by :meth:`PickerServer.stop`); with neither, picks use load only."""
+    created (and closed by :meth:`PickerServer.stop`), sending ``scorer_bearer`` (default:
+    :func:`.security.scorer_token`); with neither, picks use load only. With
+    ``config.tls_cert``/``tls_key`` the server speaks TLS only (mTLS with ``tls_client_ca``).
+
+    Raises :class:`.security.ConfigError` for unusable settings and :class:`OSError` when a
+    port is taken."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected 0-65535")
+    credentials = server_credentials(config)
     owned: Scorer | None = None
     if scorer is None and config.scorer_url:
-        scorer = owned = HttpScorer(config.scorer_url, timeout_ms=config.timeout_ms)
+        token = scorer_bearer if scorer_bearer is not None else scorer_token(config)
+        verify = scorer_ssl_context(config)
+        scorer = owned = HttpScorer(
+            config.scorer_url, timeout_ms=config.timeout_ms, token=token, verify=True if verify is None else verify
+        )
     picker = Picker(config, scorer)
     stats = StreamStats()
     metrics = PickerMetrics(picker, stats)
@@ -516,27 +422,46 @@ async def start_picker(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # Without this a second picker on the same port would silently share it.
+            ("grpc.so_reuseport", 0),
         ],
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorServicer(picker, config, metrics, stats), server)
     health = _add_health(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the ext_proc server on {host}:{port}")
-    await server.start()
-    if health is not None:
-        servicer, health_pb2 = health
-        for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
-            await _maybe_await(servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
-    if config.metrics_port:
+    try:
+        check_free(host, port)
+        target = grpc_target(host, port)
         try:
-            metrics.serve(config.metrics_port, config.metrics_host)
-        except OSError:
-            await server.stop(None)
-            if owned is not None:
-                await owned.close()
-            raise
-    log.info("ext_proc picker listening", extra={"port": bound, "endpoints": len(config.endpoints)})
+            if credentials is None:
+                bound = server.add_insecure_port(target)
+            else:
+                bound = server.add_secure_port(target, credentials)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        await server.start()
+        if health is not None:
+            servicer, health_pb2 = health
+            for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+                await _maybe_await(servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
+        if config.metrics_port:
+            try:
+                metrics.serve(config.metrics_port, config.metrics_host)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen on {config.metrics_host}:{config.metrics_port} (metrics): {exc.strerror or exc}",
+                ) from None
+    except BaseException:
+        await server.stop(None)
+        if owned is not None:
+            await owned.close()
+        raise
+    log.info(
+        "ext_proc picker listening",
+        extra={"host": host, "port": bound, "tls": credentials is not None, "endpoints": len(config.endpoints)},
+    )
     return PickerServer(server, bound, picker, metrics, stats, owned)
 
 

@@ -23,3 +23,5 @@ class StreamStats:
     internal_errors: int = 0
     skipped_messages: int = 0
     bad_requests: Counter[int] = field(default_factory=Counter)
+    #: Subset-hint entries dropped, by reason (see :mod:`.hints`).
+    hint_dropped: Counter[str] = field(default_factory=Counter)

@@ -208,3 +208,11 @@ def slow_scorer_url() -> Iterator[str]:
 def closed_url() -> str:
     """A URL on a port nothing listens on (connection refused)."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
+    from tests.extproc.certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))

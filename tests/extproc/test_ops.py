@@ -126,7 +126,7 @@ async def _sleep(seconds: float) -> None:
 
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--endpoint", "pod-a:8000"]) == 2
-    assert "not an IP address" in capsys.readouterr().out
+    assert "'pod-a' is not an IPv4 address" in capsys.readouterr().err
     assert main(["--scorer-url", "ftp://x"]) == 2
     args = build_parser().parse_args(
         [
@@ -146,12 +146,21 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     )
     config = build_config(args)
     assert config.endpoints == ["10.0.0.1:8000", "[fd00::1]:8000"]
+    assert config.metrics_host == "0.0.0.0" and config.tls_cert is None and config.scorer_token_file is None
     assert config.max_inflight == 8 and config.weights.kv == 2.0 and config.weights.load == 0.1
     assert config.session_header == "x-user" and config.release_on == "response_end"
 
 
 def test_config_validation() -> None:
-    for bad in (["10.0.0.1"], ["10.0.0.1:0"], ["10.0.0.1:70000"], ["host:80"], ["[::1:80"]):
+    for bad in (
+        ["10.0.0.1"],
+        ["10.0.0.1:0"],
+        ["10.0.0.1:70000"],
+        ["host:80"],
+        ["[::1:80"],
+        ["fd00::1:80"],
+        ["0.0.0.0:80"],
+    ):
         with pytest.raises(ValidationError):
             ExtprocConfig(endpoints=bad)
     assert ExtprocConfig(endpoints=[" 10.0.0.1:80", "10.0.0.1:80"]).endpoints == ["10.0.0.1:80"]

@@ -165,12 +165,11 @@ def test_subset_hint_limits_candidates(scorer_url: str, model: str, prompt_text:
         try:
             async with EnvoyClient(f"127.0.0.1:{server.port}") as client:
                 p1 = completion_body(model, prompt_text["P1"])
-                # P1 is best on POD1, but only POD2 (and an unknown pod) are eligible.
+                # P1 is best on POD1, but only POD2 is eligible (an unconfigured pod in a hint is dropped).
                 r = await client.route("/v1/completions", p1, subset=["10.0.0.9:8000", POD2])
                 assert r.endpoint == POD2
                 r = await client.route("/v1/completions", p1, subset=[POD2], mode="FULL_DUPLEX_STREAMED")
                 assert r.endpoint == POD2
-                # The hint may name pods the configuration does not list.
                 r = await client.route("/v1/completions", p1, subset=["10.0.0.1:8000"])
                 assert r.endpoint == POD1
                 r = await client.route("/v1/completions", p1, subset=[])
