@@ -51,6 +51,7 @@ class _IndexDefaults(TypedDict):
     queue_capacity: int
     tier_weights: dict[str, float]
     key_memo: int
+    max_tiers_per_pod: int
 
 def index_defaults() -> _IndexDefaults:
     """The core's index defaults (the one place they are declared), named as `Indexer`'s
@@ -133,6 +134,9 @@ class PodState:
     hash_mismatches: int
     hashes_match: bool | None
     """None until the pod has stored a block; then whether every engine hash equalled ours."""
+    tiers_refused: int
+    """Stores refused because the pod already uses `max_tiers_per_pod` custom tier names
+    (or no tier slot was free)."""
     bridge_entries: int
     """Engine-hash -> key entries kept for this pod (0 when the hashes match)."""
 
@@ -164,11 +168,16 @@ class Indexer:
         queue_capacity: int = 1024,
         tier_weights: Mapping[str, float] | None = None,
         key_memo: int = 262_144,
+        max_tiers_per_pod: int = 4,
     ) -> Self:
         """shards=0 means one per CPU core. tier_weights default {"GPU": 1.0, "CPU": 0.8};
         a tier not named weighs like CPU. key_memo: blocks whose SHA-256 chain value the read
         path remembers (keyed by a 128-bit xxh3 chain over the same input), so a prefix scored
-        before costs no SHA-256 again; 0 turns it off (unused with "xxh3")."""
+        before costs no SHA-256 again; 0 turns it off (unused with "xxh3").
+        max_tiers_per_pod: tier names other than the built-in ones (GPU, CPU, DISK, FS, OBJ,
+        STORAGE, CXL) and those in tier_weights that one pod may hold blocks in at once; a
+        store naming one more is refused for that pod only (counted in `tiers_refused`).
+        Names no entry uses any more are reclaimed."""
     @property
     def block_size(self) -> int: ...
     @property

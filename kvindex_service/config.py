@@ -104,6 +104,12 @@ class IndexSettings(_Section):
     key_memo: int = Field(
         default=_INDEX["key_memo"], ge=0, description="blocks the read path remembers to skip SHA-256 (0 = off)"
     )
+    max_tiers_per_pod: int = Field(
+        default=_INDEX["max_tiers_per_pod"],
+        ge=1,
+        le=16,
+        description="tier names besides the built-in and weighted ones one pod may use at once",
+    )
 
     @field_validator("hash_seed", mode="before")
     @classmethod

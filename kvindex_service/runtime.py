@@ -87,6 +87,7 @@ class Runtime:
             queue_capacity=ix.queue_capacity,
             tier_weights=ix.tier_weights,
             key_memo=ix.key_memo,
+            max_tiers_per_pod=ix.max_tiers_per_pod,
         )
         tk = s.tokenizers
         self.tokenizers = TokenizerPool(

@@ -11,9 +11,10 @@ use crate::counters::C;
 use crate::error::{DecodeKind, Error, Result};
 use crate::events::{decode_batch, BlockRemoved, BlockStored, Event};
 use crate::hashing::{cbor, BlockKey, Extras};
-use crate::index::{ModelId, PodId, Tier, TIER_GPU};
+use crate::index::{ModelId, PodId};
 use crate::indexer::Inner;
 use crate::pods::PodInfo;
+use crate::tiers::{Budget, TierGuard};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ApplyResult {
@@ -64,11 +65,13 @@ impl Inner {
             info.set_dp_rank(r);
         }
         info.set_ts(batch.ts);
+        // the costly tier refreshes run at most once per batch
+        let mut budget = Budget::default();
         for ev in batch.events {
             let outcome = match ev {
                 Ok(Event::BlockStored(s)) => {
                     self.counters.add(C::events_block_stored, 1);
-                    self.apply_stored(pod, model, &info, &s, &mut res)
+                    self.apply_stored(pod, model, &info, &s, &mut res, &mut budget)
                 }
                 Ok(Event::BlockRemoved(r)) => {
                     self.counters.add(C::events_block_removed, 1);
@@ -107,7 +110,10 @@ impl Inner {
     /// serves its models: `models` is kept (remove_pod resets it).
     pub(crate) fn clear_pod(&self, pod: PodId) {
         self.index.clear_pod(pod);
-        self.info(pod).bridge.lock().clear();
+        let info = self.info(pod);
+        info.bridge.lock().clear();
+        // no entry left: no custom tier held (`tiers.rs` reclaims the slots when needed)
+        info.tier_mask.store(0, Relaxed);
         self.counters.add(C::pods_cleared, 1);
     }
 
@@ -119,11 +125,10 @@ impl Inner {
         info.active.store(false, Relaxed);
     }
 
-    fn medium_tier(&self, medium: &Option<String>) -> Result<Tier> {
-        match medium {
-            None => Ok(TIER_GPU),
-            Some(m) => self.tier_id(m).map_err(|e| Error::decode(DecodeKind::Tier, e.to_string())),
-        }
+    /// The tier of a store, held until the event is applied.
+    fn stored_tier(&self, pod: PodId, info: &PodInfo, ev: &BlockStored, budget: &mut Budget) -> Result<TierGuard<'_>> {
+        self.store_tier(pod, info, ev.medium.as_deref(), budget)
+            .map_err(|e| Error::decode(DecodeKind::Tier, e.to_string()))
     }
 
     fn apply_stored(
@@ -133,8 +138,10 @@ impl Inner {
         info: &PodInfo,
         ev: &BlockStored,
         res: &mut ApplyResult,
+        budget: &mut Budget,
     ) -> Result<()> {
-        let tier = self.medium_tier(&ev.medium)?;
+        let guard = self.stored_tier(pod, info, ev, budget)?;
+        let tier = guard.tier();
         let n = ev.block_hashes.len();
         let mut bridge = info.bridge.lock();
         if ev.token_ids.is_empty() {
@@ -226,7 +233,16 @@ impl Inner {
         ev: &BlockRemoved,
         res: &mut ApplyResult,
     ) -> Result<()> {
-        let tier = self.medium_tier(&ev.medium)?;
+        // a tier never registered holds nothing to remove (and is not registered by this)
+        let guard = match &ev.medium {
+            None => TierGuard::fixed(crate::index::TIER_GPU),
+            Some(m) => match self.tiers.find(m) {
+                Ok(Some(g)) => g,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Error::decode(DecodeKind::Tier, e.to_string())),
+            },
+        };
+        let tier = guard.tier();
         let mut bridge = info.bridge.lock();
         for &h in &ev.block_hashes {
             res.removed_blocks += bridge::remove(&self.index, model, pod, tier, &mut bridge, h);

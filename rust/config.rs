@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::hashing::Algorithm;
 use crate::index::MAX_TIERS;
+use crate::tiers::{BUILTIN_TIERS, MAX_RESERVED_TIERS};
 
 /// The defaults, as constants so the binding can use them in signatures.
 pub mod defaults {
@@ -21,6 +22,8 @@ pub mod defaults {
     pub const FALLBACK_TIER: &str = "CPU";
     pub const MAX_BRIDGE_PER_POD: usize = 4_000_000;
     pub const KEY_MEMO_BLOCKS: usize = 1 << 18;
+    /// Tier names outside the built-in and configured ones a pod may use at once.
+    pub const MAX_TIERS_PER_POD: usize = 4;
     /// Largest explicit shard count.
     pub const MAX_SHARDS: usize = 256;
 }
@@ -42,6 +45,8 @@ pub struct IndexerConfig {
     pub max_bridge_per_pod: usize,
     /// Blocks the read path's key memo remembers (SHA-256 algorithms only; 0 = off).
     pub key_memo_blocks: usize,
+    /// Custom tier names (not built-in, not in `tier_weights`) one pod may use at once.
+    pub max_tiers_per_pod: usize,
 }
 
 impl Default for IndexerConfig {
@@ -59,18 +64,17 @@ impl Default for IndexerConfig {
             default_weight,
             max_bridge_per_pod: defaults::MAX_BRIDGE_PER_POD,
             key_memo_blocks: defaults::KEY_MEMO_BLOCKS,
+            max_tiers_per_pod: defaults::MAX_TIERS_PER_POD,
         }
     }
 }
 
 /// The default tier weights with `overrides` applied (names trimmed, upper-cased), and the
-/// weight of unnamed tiers (the `FALLBACK_TIER`'s).
+/// weight of unnamed tiers (the `FALLBACK_TIER`'s). Built-in and weighted names together
+/// are the reserved tiers (`tiers.rs`): at most `MAX_RESERVED_TIERS` of them.
 pub fn tier_weights(overrides: Vec<(String, f64)>) -> Result<(Vec<(String, f64)>, f64)> {
     if overrides.len() > MAX_TIERS {
-        return Err(Error::invalid(format!(
-            "tier_weights names {} tiers; at most {MAX_TIERS} are supported",
-            overrides.len()
-        )));
+        return Err(too_many_weighted(overrides.len()));
     }
     let mut w: Vec<(String, f64)> = defaults::TIER_WEIGHTS.iter().map(|(n, v)| (n.to_string(), *v)).collect();
     for (k, v) in overrides {
@@ -81,9 +85,21 @@ pub fn tier_weights(overrides: Vec<(String, f64)>) -> Result<(Vec<(String, f64)>
         w.retain(|(n, _)| *n != k);
         w.push((k, v));
     }
+    let extra = w.iter().filter(|(n, _)| !BUILTIN_TIERS.contains(&n.as_str())).count();
+    if BUILTIN_TIERS.len() + extra > MAX_RESERVED_TIERS {
+        return Err(too_many_weighted(extra));
+    }
     let fallback = w.iter().find(|(n, _)| n == defaults::FALLBACK_TIER).map(|(_, v)| *v);
     let fallback_default = defaults::TIER_WEIGHTS.iter().find(|(n, _)| *n == defaults::FALLBACK_TIER).map(|(_, v)| *v);
     Ok((w, fallback.or(fallback_default).unwrap_or(0.0)))
+}
+
+fn too_many_weighted(n: usize) -> Error {
+    let max = MAX_RESERVED_TIERS - BUILTIN_TIERS.len();
+    Error::invalid(format!(
+        "tier_weights names {n} tiers besides the built-in {}; at most {max} are supported",
+        BUILTIN_TIERS.join("/")
+    ))
 }
 
 impl IndexerConfig {
@@ -94,6 +110,9 @@ impl IndexerConfig {
         }
         if self.max_pods_per_key == 0 {
             return Err(Error::invalid("max_pods_per_key must be at least 1"));
+        }
+        if self.max_tiers_per_pod == 0 || self.max_tiers_per_pod > MAX_TIERS {
+            return Err(Error::invalid(format!("max_tiers_per_pod must be 1 to {MAX_TIERS}")));
         }
         if self.queue_capacity == 0 {
             return Err(Error::invalid("queue_capacity must be at least 1"));
@@ -149,12 +168,20 @@ mod tests {
         assert!(tier_weights(vec![(" ".to_string(), 1.0)]).is_err());
         let too_many = (0..=MAX_TIERS).map(|i| (format!("T{i}"), 1.0)).collect();
         assert!(tier_weights(too_many).is_err());
+        // the built-in names do not count against the reserved room
+        let room = MAX_RESERVED_TIERS - BUILTIN_TIERS.len();
+        let ok = (0..room).map(|i| (format!("T{i}"), 1.0)).chain([("disk".to_string(), 0.5)]).collect();
+        assert!(tier_weights(ok).is_ok());
+        let over = (0..=room).map(|i| (format!("T{i}"), 1.0)).collect();
+        assert!(tier_weights(over).is_err());
     }
 
     #[test]
     fn validate_rejects_zero_bounds_and_bad_weights() {
         assert!(IndexerConfig { max_keys: 0, ..Default::default() }.validate().is_err());
         assert!(IndexerConfig { queue_capacity: 0, ..Default::default() }.validate().is_err());
+        assert!(IndexerConfig { max_tiers_per_pod: 0, ..Default::default() }.validate().is_err());
+        assert!(IndexerConfig { max_tiers_per_pod: MAX_TIERS + 1, ..Default::default() }.validate().is_err());
         let bad = IndexerConfig { tier_weights: vec![("GPU".into(), f64::NAN)], ..Default::default() };
         assert!(matches!(bad.validate(), Err(Error::InvalidInput { .. })));
     }

@@ -33,6 +33,7 @@ counters!(
     queue_pushbacks,
     batches_queued,
     pods_cleared,
+    tiers_refused,
 );
 
 #[derive(Default)]

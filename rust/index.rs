@@ -9,7 +9,7 @@
 //! holds, so clearing a pod costs O(blocks of that pod), never a scan of the whole index.
 //!
 //! Models are separated by mixing the interned model id into the key: the same tokens under
-//! two models never share an entry. An entry packs `(pod << 3) | tier` into a `u32`.
+//! two models never share an entry. An entry packs `(pod << 4) | tier` into a `u32`.
 
 use hashbrown::{HashMap, HashSet};
 use parking_lot::Mutex;
@@ -21,26 +21,27 @@ pub type PodId = u32;
 pub type ModelId = u32;
 pub type Tier = u8;
 
-/// Tiers are interned into 3 bits: GPU = 0, CPU = 1, then others as they appear.
-pub const MAX_TIERS: usize = 8;
+/// Tiers are interned into 4 bits (`tiers.rs`): GPU = 0, CPU = 1, then others as they appear.
+pub const MAX_TIERS: usize = 16;
+const TIER_BITS: u32 = 4;
 pub const TIER_GPU: Tier = 0;
 pub const TIER_CPU: Tier = 1;
-/// Largest pod id an entry can hold (29 bits).
-pub const MAX_PODS: u32 = 1 << 29;
+/// Pod ids an entry can hold (28 bits).
+pub const MAX_PODS: u32 = 1 << (32 - TIER_BITS);
 
 const NIL: u32 = u32::MAX;
 
 #[inline]
 pub fn pack(pod: PodId, tier: Tier) -> u32 {
-    (pod << 3) | tier as u32
+    (pod << TIER_BITS) | tier as u32
 }
 #[inline]
 pub fn entry_pod(e: u32) -> PodId {
-    e >> 3
+    e >> TIER_BITS
 }
 #[inline]
 pub fn entry_tier(e: u32) -> Tier {
-    (e & 7) as Tier
+    (e & (MAX_TIERS as u32 - 1)) as Tier
 }
 
 #[inline]
@@ -414,6 +415,19 @@ impl BlockIndex {
         let mut out = [0i64; MAX_TIERS];
         for s in self.shards.iter() {
             if let Some(p) = s.lock().pods.get(&pod) {
+                for (o, v) in out.iter_mut().zip(&p.tiers) {
+                    *o += v;
+                }
+            }
+        }
+        out
+    }
+
+    /// Entries per tier in the whole index (locks every shard in turn; O(pods per shard)).
+    pub fn tier_counts(&self) -> [i64; MAX_TIERS] {
+        let mut out = [0i64; MAX_TIERS];
+        for s in self.shards.iter() {
+            for p in s.lock().pods.values() {
                 for (o, v) in out.iter_mut().zip(&p.tiers) {
                     *o += v;
                 }

@@ -15,9 +15,12 @@
 //! 3. `PodInfo::bridge` (Mutex: one pod's bridge, held by its shard for a whole event)
 //! 4. `BlockIndex` shard Mutexes, one at a time
 //!
-//! `Inner::pods` (RwLock: pod names and records), `Inner::tiers` (RwLock: tier names and
-//! weights, one lock) and the key memo's Mutexes are leaves: nothing else is taken while one
-//! is held. `state_of` takes 1-2-3; events take 3-4 (their tier is resolved before 3).
+//! `Inner::pods` (RwLock: pod names and records), the tier table's RwLock (`tiers.rs`: tier
+//! names and weights, one lock) and the key memo's Mutexes are leaves: nothing else is taken
+//! while one is held. `state_of` takes 1-2-3; events take 3-4 (their tier is resolved before
+//! 3, holding no lock). Resolving a tier may count live entries (index shard locks, one at a
+//! time, the table lock not held); reclaiming serializes on the tier table's own Mutex, taken
+//! first and holding nothing else.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -29,22 +32,17 @@ use smallvec::SmallVec;
 use crate::counters::{Counters, C};
 use crate::error::{Error, Result};
 use crate::hashing::{Algorithm, BlockKey, Extras, TokenProcessor};
-use crate::index::{entry_pod, entry_tier, BlockIndex, IndexStats, ModelId, PodId, Tier, MAX_PODS, MAX_TIERS};
+use crate::index::{entry_pod, entry_tier, BlockIndex, IndexStats, ModelId, PodId, Tier, MAX_PODS, TIER_GPU};
 use crate::memo::KeyMemo;
 use crate::pods::{Names, PodInfo};
 use crate::scoring::{prefix_runs, rank, Runs, ScoreResult};
 use crate::shards::{Msg, Shards};
+use crate::tiers::{Budget, PodTiers, Snapshot, TierGuard, TierTable};
 
 pub use crate::apply::ApplyResult;
 pub use crate::config::IndexerConfig;
 pub use crate::pods::PodState;
 pub use crate::shards::fnv1a;
-
-/// Tier names and weights, under one lock: a tier and its weight appear together.
-struct Tiers {
-    names: Vec<String>,
-    weights: [f64; MAX_TIERS],
-}
 
 /// Pod names and records, indexed by `PodId`.
 #[derive(Default)]
@@ -61,7 +59,7 @@ pub(crate) struct Inner {
     pub(crate) index: BlockIndex,
     pods: RwLock<Pods>,
     models: RwLock<Names>,
-    tiers: RwLock<Tiers>,
+    pub(crate) tiers: TierTable,
     pub(crate) counters: Counters,
 }
 
@@ -95,12 +93,10 @@ impl Indexer {
             index,
             pods: RwLock::new(Pods::default()),
             models: RwLock::new(Names::default()),
-            tiers: RwLock::new(Tiers { names: Vec::new(), weights: [cfg.default_weight; MAX_TIERS] }),
+            tiers: TierTable::new(&cfg.tier_weights, cfg.default_weight, cfg.max_tiers_per_pod),
             counters: Counters::default(),
             cfg,
         });
-        inner.tier_id("GPU")?;
-        inner.tier_id("CPU")?;
         let shards = Shards::start(&inner, nshards, inner.cfg.queue_capacity)?;
         Ok(Indexer { inner, shards })
     }
@@ -154,10 +150,13 @@ impl Indexer {
     }
 
     pub fn add_blocks(&self, pod: &str, model: &str, keys: &[BlockKey], tier: &str) -> Result<()> {
-        let t = self.inner.tier_id(tier)?;
+        crate::tiers::normalize(tier)?;
         let p = self.inner.pod_id(pod)?;
+        let info = self.inner.info(p);
+        let guard = self.inner.store_tier(p, &info, Some(tier), &mut Budget::default())?;
+        let t = guard.tier();
         let m = self.inner.model_id(model);
-        self.inner.info(p).note_model(m);
+        info.note_model(m);
         for &k in keys {
             self.inner.index.add(m, p, k, t, None);
         }
@@ -165,13 +164,13 @@ impl Indexer {
     }
 
     pub fn remove_blocks(&self, pod: &str, model: &str, keys: &[BlockKey], tier: &str) -> Result<()> {
-        let t = self.inner.tier_id(tier)?;
+        let guard = self.inner.tiers.find(tier)?;
         let m = self.inner.known_model(model);
-        let (Some(p), Some(m)) = (self.inner.known_pod(pod), m) else {
+        let (Some(p), Some(m), Some(g)) = (self.inner.known_pod(pod), m, guard) else {
             return Ok(());
         };
         for &k in keys {
-            self.inner.index.remove(m, p, k, t);
+            self.inner.index.remove(m, p, k, g.tier());
         }
         Ok(())
     }
@@ -185,40 +184,56 @@ impl Indexer {
     /// Score a request's tokens against every pod, or only the `pods` named (each listed).
     pub fn score_tokens(&self, model: &str, tokens: &[u32], extras: &Extras<'_>, pods: Option<&[&str]>) -> ScoreResult {
         let (index, tp) = (&self.inner.index, &self.inner.tp);
-        let runs = match self.inner.known_model(model) {
-            None => Runs::default(),
+        let (runs, tiers) = match self.inner.known_model(model) {
+            None => (Runs::default(), self.inner.tiers.snapshot()),
             Some(m) => {
                 let filter = self.filter_ids(pods);
-                let weights = self.inner.tiers.read().weights;
                 let f = filter.as_deref();
-                match &self.inner.memo {
-                    Some(memo) => {
-                        prefix_runs(index, m, memo.chain_iter(tp, tokens, extras).map(|c| c.key()), f, &weights)
-                    }
-                    None => prefix_runs(index, m, tp.chain_iter(tokens, None, extras, 0).map(|c| c.key()), f, &weights),
-                }
+                self.stable(|w| match &self.inner.memo {
+                    Some(memo) => prefix_runs(index, m, memo.chain_iter(tp, tokens, extras).map(|c| c.key()), f, w),
+                    None => prefix_runs(index, m, tp.chain_iter(tokens, None, extras, 0).map(|c| c.key()), f, w),
+                })
             }
         };
-        self.ranked(runs, pods, tokens.len() / tp.block_size(), tokens.len())
+        self.ranked(runs, &tiers, pods, tokens.len() / tp.block_size(), tokens.len())
+    }
+
+    /// Run a read of tier ids under a tier snapshot that stayed valid (no slot freed and
+    /// reused meanwhile); retried a few times, then the last snapshot is used.
+    fn stable<T>(&self, mut read: impl FnMut(&[f64; crate::index::MAX_TIERS]) -> T) -> (T, Snapshot) {
+        let mut snap = self.inner.tiers.snapshot();
+        for _ in 0..3 {
+            let out = read(&snap.weights);
+            if self.inner.tiers.generation() == snap.generation {
+                return (out, snap);
+            }
+            snap = self.inner.tiers.snapshot();
+        }
+        (read(&snap.weights), snap)
     }
 
     /// Score precomputed block keys (each block counts `block_size` tokens).
     pub fn score_keys(&self, model: &str, keys: &[BlockKey], pods: Option<&[&str]>) -> ScoreResult {
-        let runs = match self.inner.known_model(model) {
-            None => Runs::default(),
+        let (runs, tiers) = match self.inner.known_model(model) {
+            None => (Runs::default(), self.inner.tiers.snapshot()),
             Some(m) => {
                 let filter = self.filter_ids(pods);
-                let weights = self.inner.tiers.read().weights;
-                prefix_runs(&self.inner.index, m, keys.iter().copied(), filter.as_deref(), &weights)
+                self.stable(|w| prefix_runs(&self.inner.index, m, keys.iter().copied(), filter.as_deref(), w))
             }
         };
-        self.ranked(runs, pods, keys.len(), keys.len() * self.inner.tp.block_size())
+        self.ranked(runs, &tiers, pods, keys.len(), keys.len() * self.inner.tp.block_size())
     }
 
-    fn ranked(&self, runs: Runs, pods: Option<&[&str]>, total_blocks: usize, total_tokens: usize) -> ScoreResult {
-        let tiers = self.tier_names();
+    fn ranked(
+        &self,
+        runs: Runs,
+        tiers: &Snapshot,
+        pods: Option<&[&str]>,
+        total_blocks: usize,
+        total_tokens: usize,
+    ) -> ScoreResult {
         let names = self.inner.pods.read();
-        let scores = rank(runs.runs, pods, |id| names.names.name(id).clone(), &tiers, self.inner.tp.block_size());
+        let scores = rank(runs.runs, pods, |id| names.names.name(id).clone(), &tiers.names, self.inner.tp.block_size());
         ScoreResult { scores, total_blocks, total_tokens, keys_computed: runs.keys_consumed }
     }
 
@@ -227,15 +242,20 @@ impl Indexer {
         let filter = self.filter_ids(pods);
         let m = self.inner.known_model(model);
         let mut buf = SmallVec::new();
-        keys.iter()
-            .map(|&k| {
-                let Some(m) = m else { return Vec::new() };
-                self.inner.index.lookup_into(m, k, &mut buf);
-                buf.iter()
-                    .filter(|&&e| filter.as_ref().is_none_or(|f| f.contains(&entry_pod(e))))
-                    .map(|&e| (self.pod_name(entry_pod(e)), self.tier_name(entry_tier(e))))
-                    .collect()
-            })
+        let (ids, tiers) = self.stable(|_| {
+            keys.iter()
+                .map(|&k| {
+                    let Some(m) = m else { return Vec::new() };
+                    self.inner.index.lookup_into(m, k, &mut buf);
+                    buf.iter()
+                        .filter(|&&e| filter.as_ref().is_none_or(|f| f.contains(&entry_pod(e))))
+                        .map(|&e| (entry_pod(e), entry_tier(e)))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        });
+        ids.into_iter()
+            .map(|per| per.into_iter().map(|(p, t)| (self.pod_name(p), tiers.names[t as usize].clone())).collect())
             .collect()
     }
 
@@ -244,11 +264,12 @@ impl Indexer {
     }
 
     pub fn tier_name(&self, t: Tier) -> String {
-        self.inner.tiers.read().names.get(t as usize).cloned().unwrap_or_else(|| format!("TIER{t}"))
+        self.inner.tiers.name(t).unwrap_or_else(|| format!("TIER{t}"))
     }
 
+    /// The registered tier names, in id order.
     pub fn tier_names(&self) -> Vec<String> {
-        self.inner.tiers.read().names.clone()
+        self.inner.tiers.names()
     }
 
     pub fn pod_state(&self, pod: &str) -> Option<PodState> {
@@ -321,31 +342,32 @@ impl Inner {
         self.models.write().intern(model)
     }
 
-    /// The tier named `name` (trimmed, case-insensitive), registered on first use.
-    pub(crate) fn tier_id(&self, name: &str) -> Result<Tier> {
-        let upper = name.trim().to_ascii_uppercase();
-        if upper.is_empty() {
-            return Err(Error::invalid("tier name is empty"));
+    /// The tier a store by `pod` names (`None`: GPU), registered on first use within the
+    /// pod's limit (`tiers.rs`); a refusal is counted. Call holding no lock.
+    pub(crate) fn store_tier(
+        &self,
+        pod: PodId,
+        info: &PodInfo,
+        medium: Option<&str>,
+        budget: &mut Budget,
+    ) -> Result<TierGuard<'_>> {
+        let Some(name) = medium else { return Ok(TierGuard::fixed(TIER_GPU)) };
+        let tiers = PodTiers {
+            mask: &info.tier_mask,
+            pod_live: || self.index.pod_tier_counts(pod),
+            global_live: || self.index.tier_counts(),
+        };
+        let r = self.tiers.acquire(name, tiers, budget);
+        if let Err(Error::TooManyTiers { .. }) = &r {
+            self.counters.add(C::tiers_refused, 1);
+            info.tiers_refused.fetch_add(1, Relaxed);
         }
-        if let Some(i) = self.tiers.read().names.iter().position(|t| *t == upper) {
-            return Ok(i as Tier);
-        }
-        let mut tiers = self.tiers.write();
-        if let Some(i) = tiers.names.iter().position(|t| *t == upper) {
-            return Ok(i as Tier);
-        }
-        let t = tiers.names.len();
-        if t >= MAX_TIERS {
-            return Err(Error::TooManyTiers { max: MAX_TIERS, tier: upper });
-        }
-        tiers.weights[t] = self.cfg.weight_of(&upper);
-        tiers.names.push(upper);
-        Ok(t as Tier)
+        r
     }
 
     fn state_of(&self, id: PodId, info: &PodInfo) -> PodState {
         let counts = self.index.pod_tier_counts(id);
-        let tiers = self.tiers.read().names.clone();
+        let tiers = self.tiers.snapshot().names;
         let models = self.models.read();
         info.state(&models, &tiers, &counts)
     }
@@ -355,24 +377,50 @@ impl Inner {
 mod tests {
     use super::*;
     use crate::testutil::{batch, stored, tokens};
+    use crate::tiers::Budget;
 
     fn indexer() -> Indexer {
         Indexer::new(IndexerConfig { shards: 1, ..Default::default() }).unwrap()
     }
 
+    fn tier_of(ix: &Indexer, pod: &str, name: &str) -> Result<Tier> {
+        let p = ix.inner.pod_id(pod)?;
+        let info = ix.inner.info(p);
+        let g = ix.inner.store_tier(p, &info, Some(name), &mut Budget::default())?;
+        Ok(g.tier())
+    }
+
+    fn refused(ix: &Indexer) -> u64 {
+        ix.counters().into_iter().find(|(n, _)| *n == "tiers_refused").unwrap().1
+    }
+
     #[test]
-    fn tiers_are_case_insensitive_and_bounded() {
+    fn tiers_are_case_insensitive_and_bounded_per_pod() {
         let ix = indexer();
-        assert_eq!((ix.inner.tier_id(" gpu ").unwrap(), ix.inner.tier_id("Cpu").unwrap()), (0, 1));
-        assert!(matches!(ix.inner.tier_id(" "), Err(Error::InvalidInput { .. })));
-        for i in 2..MAX_TIERS {
-            ix.inner.tier_id(&format!("t{i}")).unwrap();
+        assert_eq!((tier_of(&ix, "p", " gpu ").unwrap(), tier_of(&ix, "p", "Cpu").unwrap()), (0, 1));
+        assert!(matches!(tier_of(&ix, "p", " "), Err(Error::InvalidInput { .. })));
+        let per_pod = ix.config().max_tiers_per_pod;
+        for i in 0..per_pod {
+            ix.add_blocks("p", "m", &[1], &format!("t{i}")).unwrap();
         }
-        assert!(matches!(ix.inner.tier_id("one-more"), Err(Error::TooManyTiers { .. })));
+        // granted but holding nothing: the grant goes back
+        tier_of(&ix, "p", "t0").unwrap();
+        ix.remove_blocks("p", "m", &[1], "t0").unwrap();
+        ix.add_blocks("p", "m", &[1], "t5").unwrap();
+        ix.add_blocks("p", "m", &[1], "t0").unwrap_err();
+        assert!(matches!(tier_of(&ix, "p", "one-more"), Err(Error::TooManyTiers { .. })));
         // an event naming one more tier is a decode error of that event, not of the batch
         let r = ix.apply("p", "m", None, &batch(&[stored(&[1], None, &tokens(16), Some("NVME"))])).unwrap();
         assert_eq!((r.events, r.decode_errors), (0, 1));
-        assert_eq!(ix.inner.tiers.read().weights[2], 0.8);
+        assert_eq!(refused(&ix), 3);
+        assert_eq!(ix.pod_state("p").unwrap().tiers_refused, 3);
+        // another pod is not affected, built-in names never count
+        tier_of(&ix, "q", "NVME").unwrap();
+        for name in ["disk", "FS", "obj", "Storage", "cxl"] {
+            tier_of(&ix, "p", name).unwrap();
+        }
+        let w = ix.inner.tiers.weights();
+        assert_eq!((w[0], w[1], w[tier_of(&ix, "q", "nvme").unwrap() as usize]), (1.0, 0.8, 0.8));
     }
 
     #[test]

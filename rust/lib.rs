@@ -6,7 +6,8 @@
 //!
 //! Layout: `config` (settings and their defaults), `indexer` (the facade and read path,
 //! with the lock order), `shards` (worker threads), `apply` (event application), `bridge`
-//! (engine hash -> key), `pods` (names and per-pod records), `counters`, `scoring`.
+//! (engine hash -> key), `pods` (names and per-pod records), `tiers` (tier names, bounded per
+//! pod and reclaimed), `counters`, `scoring`.
 
 pub mod apply;
 pub mod bridge;
@@ -22,9 +23,12 @@ pub mod msgpack;
 pub mod pods;
 pub mod scoring;
 mod shards;
+pub mod tiers;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(test)]
+mod robustness;
 #[cfg(test)]
 mod testutil;
 

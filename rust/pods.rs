@@ -1,13 +1,13 @@
 //! Interned names (pods, models) and the per-pod record the shards update.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::bridge::Bridge;
-use crate::index::{ModelId, MAX_TIERS};
+use crate::index::{ModelId, MAX_TIERS, TIER_CPU, TIER_GPU};
 
 /// Interned names: ids are never reused, so a stale id can never name another thing.
 #[derive(Default)]
@@ -59,6 +59,10 @@ pub struct PodInfo {
     pub unknown_parents: AtomicU64,
     pub hash_matches: AtomicU64,
     pub hash_mismatches: AtomicU64,
+    /// Custom tier slots granted to the pod (`tiers.rs`).
+    pub tier_mask: AtomicU32,
+    /// Events refused because their tier name did not fit.
+    pub tiers_refused: AtomicU64,
     last_seq: AtomicI64,
     last_ts: AtomicU64,
     dp_rank: AtomicI64,
@@ -78,6 +82,8 @@ impl PodInfo {
             unknown_parents: AtomicU64::new(0),
             hash_matches: AtomicU64::new(0),
             hash_mismatches: AtomicU64::new(0),
+            tier_mask: AtomicU32::new(0),
+            tiers_refused: AtomicU64::new(0),
             last_seq: AtomicI64::new(NONE_I64),
             last_ts: AtomicU64::new(f64::NAN.to_bits()),
             dp_rank: AtomicI64::new(NONE_I64),
@@ -96,9 +102,11 @@ impl PodInfo {
             &self.unknown_parents,
             &self.hash_matches,
             &self.hash_mismatches,
+            &self.tiers_refused,
         ] {
             a.store(0, Relaxed);
         }
+        self.tier_mask.store(0, Relaxed);
         self.last_seq.store(NONE_I64, Relaxed);
         self.last_ts.store(f64::NAN.to_bits(), Relaxed);
         self.dp_rank.store(NONE_I64, Relaxed);
@@ -122,8 +130,9 @@ impl PodInfo {
         self.dp_rank.store(rank, Relaxed);
     }
 
-    /// The public view. `models` are the interned model names, `tiers` the tier names,
-    /// `counts[t]` the pod's blocks in tier `t`.
+    /// The public view. `models` are the interned model names, `tiers[t]` names tier `t`
+    /// (`""` for a free slot), `counts[t]` the pod's blocks in tier `t`. GPU and CPU are
+    /// always listed, other tiers only while the pod holds blocks in them.
     pub fn state(&self, models: &Names, tiers: &[String], counts: &[i64; MAX_TIERS]) -> PodState {
         let seq = self.last_seq.load(Relaxed);
         let ts = f64::from_bits(self.last_ts.load(Relaxed));
@@ -131,7 +140,12 @@ impl PodInfo {
         PodState {
             pod: self.name.clone(),
             models: self.models.lock().iter().map(|&m| models.name(m).clone()).collect(),
-            blocks_by_tier: tiers.iter().enumerate().map(|(i, t)| (t.clone(), counts[i])).collect(),
+            blocks_by_tier: tiers
+                .iter()
+                .enumerate()
+                .filter(|&(i, t)| !t.is_empty() && (i == TIER_GPU as usize || i == TIER_CPU as usize || counts[i] != 0))
+                .map(|(i, t)| (t.clone(), counts[i]))
+                .collect(),
             last_seq: (seq != NONE_I64).then_some(seq as u64),
             last_event_ts: (!ts.is_nan()).then_some(ts),
             dp_rank: (dp != NONE_I64).then_some(dp),
@@ -142,6 +156,7 @@ impl PodInfo {
             unknown_parents: self.unknown_parents.load(Relaxed),
             hash_matches: self.hash_matches.load(Relaxed),
             hash_mismatches: self.hash_mismatches.load(Relaxed),
+            tiers_refused: self.tiers_refused.load(Relaxed),
             bridge_entries: self.bridge.lock().len() as u64,
         }
     }
@@ -162,6 +177,7 @@ pub struct PodState {
     pub unknown_parents: u64,
     pub hash_matches: u64,
     pub hash_mismatches: u64,
+    pub tiers_refused: u64,
     pub bridge_entries: u64,
 }
 

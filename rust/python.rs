@@ -171,7 +171,8 @@ const _: () = assert!(
         && defaults::MAX_PODS_PER_KEY == 64
         && defaults::SHARDS == 0
         && defaults::QUEUE_CAPACITY == 1024
-        && defaults::KEY_MEMO_BLOCKS == 262_144,
+        && defaults::KEY_MEMO_BLOCKS == 262_144
+        && defaults::MAX_TIERS_PER_POD == 4,
     "a signature default in python.rs differs from config::defaults"
 );
 
@@ -316,6 +317,7 @@ struct PyPodState {
     hash_matches: u64,
     hash_mismatches: u64,
     hashes_match: Option<bool>,
+    tiers_refused: u64,
     bridge_entries: u64,
 }
 
@@ -343,6 +345,7 @@ impl From<PodState> for PyPodState {
             unknown_parents: s.unknown_parents,
             hash_matches: s.hash_matches,
             hash_mismatches: s.hash_mismatches,
+            tiers_refused: s.tiers_refused,
             bridge_entries: s.bridge_entries,
         }
     }
@@ -420,7 +423,7 @@ impl PyIndexer {
     #[new]
     #[pyo3(signature = (*, block_size = 16, hash_seed = None, algorithm = "sha256_cbor", max_keys = 10_000_000,
                         max_pods_per_key = 64, shards = 0, queue_capacity = 1024, tier_weights = None,
-                        key_memo = 262_144))]
+                        key_memo = 262_144, max_tiers_per_pod = 4))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         block_size: i64,
@@ -432,6 +435,7 @@ impl PyIndexer {
         queue_capacity: i64,
         tier_weights: Option<&Bound<'_, PyAny>>,
         key_memo: i64,
+        max_tiers_per_pod: i64,
     ) -> PyResult<Self> {
         let (tier_weights, default_weight) = weights_from(tier_weights)?;
         let cfg = IndexerConfig {
@@ -445,6 +449,7 @@ impl PyIndexer {
             tier_weights,
             default_weight,
             key_memo_blocks: non_negative("key_memo", key_memo)?,
+            max_tiers_per_pod: positive("max_tiers_per_pod", max_tiers_per_pod)?,
             ..Default::default()
         };
         Ok(PyIndexer { ix: Arc::new(Indexer::new(cfg)?) })
@@ -667,6 +672,7 @@ fn index_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("queue_capacity", c.queue_capacity)?;
     d.set_item("tier_weights", c.tier_weights.into_iter().collect::<HashMap<_, _>>())?;
     d.set_item("key_memo", c.key_memo_blocks)?;
+    d.set_item("max_tiers_per_pod", c.max_tiers_per_pod)?;
     Ok(d)
 }
 

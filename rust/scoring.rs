@@ -100,7 +100,18 @@ pub fn rank(
 
 struct Alive {
     s: PrefixRun,
-    tiers: u8,
+    tiers: u16,
+}
+
+/// The best weight among the tiers in `mask`.
+#[inline]
+fn best_weight(mut mask: u16, weights: &[f64; MAX_TIERS]) -> f64 {
+    let mut best = 0.0f64;
+    while mask != 0 {
+        best = best.max(weights[mask.trailing_zeros() as usize]);
+        mask &= mask - 1;
+    }
+    best
 }
 
 /// The prefix runs of the key sequence. `filter`: only these pods are eligible.
@@ -115,14 +126,9 @@ pub fn prefix_runs(
     filter: Option<&[PodId]>,
     weights: &[f64; MAX_TIERS],
 ) -> Runs {
-    // best weight for every tier mask
-    let mut best_of = [0.0f64; 1 << MAX_TIERS];
-    for (mask, best) in best_of.iter_mut().enumerate().skip(1) {
-        *best = (0..MAX_TIERS).filter(|t| mask & (1 << t) != 0).map(|t| weights[t]).fold(0.0, f64::max);
-    }
     let mut done: Vec<PrefixRun> = Vec::new();
     let mut alive: Vec<Alive> = Vec::new();
-    let mut held: Vec<u8> = Vec::new();
+    let mut held: Vec<u16> = Vec::new();
     let mut buf: SmallVec<[u32; 16]> = SmallVec::new();
     let mut consumed = 0usize;
     for (i, key) in keys.enumerate() {
@@ -168,7 +174,7 @@ pub fn prefix_runs(
         }
         for a in alive.iter_mut() {
             a.s.matched_blocks += 1;
-            a.s.score += best_of[a.tiers as usize];
+            a.s.score += best_weight(a.tiers, weights);
             let mut m = a.tiers;
             while m != 0 {
                 let t = m.trailing_zeros() as usize;
