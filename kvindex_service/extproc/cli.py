@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the full usage of ~25 flags is not)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _port(kind: str) -> Any:
