@@ -61,5 +61,10 @@ demo: build
 	mkdir -p benches/out
 	$(VENV)/bin/kvindex simulate --workload shared-prefix --pods 3 --duration 60 --seed 7 --plot benches/out/demo.png
 
+## fuzz: coverage-guided fuzzing (atheris) of the event decoder and HTTP bodies, FUZZ_SECONDS (60) each
+fuzz: build
+	$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q atheris
+	$(PY) tools/fuzz.py --seconds $${FUZZ_SECONDS:-60}
+
 clean:
 	rm -rf target $(VENV) benches/out

@@ -139,8 +139,10 @@ fn random_payloads_never_panic_and_keep_the_bounds() {
     let ix = Indexer::new(cfg).unwrap();
     let pods = ["a", "b", "c", "d", "e"];
     let keys: Vec<u64> = ix.token_processor().block_keys(&tokens(64), &Extras::None);
-    let mut r = Rng(0x9E37_79B9_7F4A_7C15);
-    for case in 0..4000u32 {
+    // KVINDEX_PROPTEST_CASES / KVINDEX_PROPTEST_SEED run it longer or elsewhere
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let mut r = Rng(env("KVINDEX_PROPTEST_SEED", 0x9E37_79B9_7F4A_7C15) | 1);
+    for case in 0..env("KVINDEX_PROPTEST_CASES", 4000) as u32 {
         let p = payload(&mut r);
         let _ = decode_batch(&p);
         let pod = *r.pick(&pods);
