@@ -80,12 +80,39 @@ class ZmqSettings(_Section):
     replay_timeout: float = Field(default=1.0, gt=0)
     replay_retries: int = Field(default=3, ge=0)
     replay_backoff: float = Field(default=0.1, ge=0)
+    reconnect_ivl: float = Field(default=0.1, gt=0, description="seconds before a dropped link is dialled again")
+    reconnect_ivl_max: float = Field(
+        default=5.0, gt=0, description="cap of the doubling reconnect backoff (s; >= reconnect_ivl, checked at start)"
+    )
+    max_pods: int = Field(
+        default=1024, ge=1, description="pods in total: bind-mode topics, configured pods and POST /pods"
+    )
+    pod_idle_timeout: float | None = Field(
+        default=None, gt=0, description="forget bind-mode pods silent this long (s); null = never"
+    )
+    verify_peer: bool = Field(
+        default=True, description="bind mode: a topic naming pod IP:port is accepted only from that IP"
+    )
+    allowed_publishers: list[str] = Field(
+        default_factory=list, description="CIDRs that may publish pod ids that are not IP:port; empty = any"
+    )
+    connect_allow: list[str] = Field(
+        default_factory=list, description="CIDRs POST /pods may connect to; empty = any"
+    )
 
-    @field_validator("bind", mode="before")
+    @field_validator("bind", "pod_idle_timeout", mode="before")
     @classmethod
     def _disable_bind(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in _DISABLED:
             return None
+        return value
+
+    @field_validator("allowed_publishers", "connect_allow")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        from kvindex_service.events.admission import parse_networks
+
+        parse_networks(value)  # ValueError naming the bad entry
         return value
 
 

@@ -214,12 +214,22 @@ class RuntimeCollector(Collector):
 
     # -- subscriber -----------------------------------------------------------------------
     def _subscriber_metrics(self) -> Iterator[Metric]:
+        from kvindex_service.events.admission import REJECT_REASONS
+
         subscriber = self._sources.subscriber()
+        # Always exported (zeros until a subscriber exists), so alerts can rely on it.
+        rejected = CounterMetricFamily(
+            "kvindex_events_rejected", "KV event messages refused at the edge, by reason", labels=("reason",)
+        )
+        counts: Mapping[str, int] = subscriber.rejections() if subscriber is not None else {}
+        for reason in REJECT_REASONS:
+            rejected.add_metric([reason], counts.get(reason, 0))
+        yield rejected
         if subscriber is None:
             return
         for key, value in sorted(subscriber.stats().items()):
             num = _num(value)
-            if num is None:
+            if num is None or key.startswith("rejected_"):
                 continue
             name = _metric_name(key)
             if name in _SUBSCRIBER_GAUGES:

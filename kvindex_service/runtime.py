@@ -112,6 +112,12 @@ class Runtime:
             replay_timeout=z.replay_timeout,
             replay_retries=z.replay_retries,
             replay_backoff=z.replay_backoff,
+            max_pods=z.max_pods,
+            pod_idle_timeout=z.pod_idle_timeout,
+            verify_peer=z.verify_peer,
+            allowed_publishers=z.allowed_publishers,
+            reconnect_ivl=z.reconnect_ivl,
+            reconnect_ivl_max=z.reconnect_ivl_max,
         )
         self.subscriber.start()
         self.scoring = ScoringService(self.indexer, self.tokenizers, metrics=self.metrics)

@@ -46,6 +46,8 @@ class PodTrack:
     replay_timeouts: int = 0
     resets: int = 0
     malformed: int = 0
+    last_seen: float = 0.0
+    """When the last message of the pod arrived (monotonic; for ``pod_idle_timeout``)."""
     job: ReplayJob | None = None
     pending: deque[tuple[int, LiveBatch]] = field(default_factory=deque)
     """Live batches (with their receive index) held in order while ``job`` fills a gap."""

@@ -28,28 +28,17 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import zmq
-
-from kvindex_service._native import KvIndexError
-from kvindex_service.events.eventlog import Warner, log_decision
-from kvindex_service.events.links import Conn, Dealer, Links, Monitor
+from kvindex_service.events.admission import Admission, PodLimitError
+from kvindex_service.events.eventlog import Warner
+from kvindex_service.events.links import Links, Reconnect
+from kvindex_service.events.loop import Loop
 from kvindex_service.events.progress import Progress
-from kvindex_service.events.replay import LiveBatch, ReplaySettings, parse_reply
-from kvindex_service.events.sequencer import (
-    SEQ_COUNTERS,
-    Apply,
-    Decision,
-    ReplayEnd,
-    ReplayTimeout,
-    Reset,
-    SendReplay,
-    Sequencer,
-)
-from kvindex_service.events.state import PodTrack, pod_records, spec_record, track_record
+from kvindex_service.events.replay import ReplaySettings
+from kvindex_service.events.sequencer import SEQ_COUNTERS, Sequencer
+from kvindex_service.events.state import pod_records, spec_record, track_record
 from kvindex_service.events.topic import PodEndpoint, TopicCache, check_pod_endpoint, validate_endpoint
 
 if TYPE_CHECKING:
@@ -59,8 +48,6 @@ __all__ = ["Subscriber"]
 
 log = logging.getLogger(__name__)
 
-_BURST = 512
-"""Messages read from one socket before the loop looks at the others (fairness)."""
 _TOPIC_CACHE_MAX = 4096
 _COMMAND_TIMEOUT = 10.0
 _STAT_KEYS = (
@@ -82,12 +69,13 @@ _STAT_KEYS = (
     "pods_added",
     "pods_removed",
     "reconnects",
+    "pods_expired",
 )
 
 _State = Literal["new", "running", "stopped"]
 
 
-class Subscriber:
+class Subscriber(Loop):
     """Subscribe to vLLM KV events and feed them, in per-pod order, into an ``Indexer``.
 
     Thread-safe: ``add_pod``, ``remove_pod``, ``pod_states``, ``stats`` and ``sync`` may be
@@ -106,7 +94,16 @@ class Subscriber:
         replay_retries: int = 3,
         replay_backoff: float = 0.1,
         max_message_bytes: int = 64 * 1024 * 1024,
+        max_pods: int = 1024,
+        pod_idle_timeout: float | None = None,
+        verify_peer: bool = True,
+        allowed_publishers: Sequence[str] = (),
+        reconnect_ivl: float = 0.1,
+        reconnect_ivl_max: float = 5.0,
     ) -> None:
+        """``max_pods``, ``pod_idle_timeout``, ``verify_peer`` and ``allowed_publishers`` are
+        the edge checks of ``admission.py``; the reconnect intervals (seconds) are the
+        backoff of every SUB and DEALER socket and of the explicit re-dials."""
         if bind is not None:
             validate_endpoint(bind, bind=True)
         if not isinstance(topic_prefix, str):
@@ -123,6 +120,15 @@ class Subscriber:
             max_message_bytes=max_message_bytes,
         )
         self._seq = Sequencer(self._replay, max_held=rcvhwm)
+        self._admit = Admission(max_pods=max_pods, verify_peer=verify_peer, allowed_publishers=allowed_publishers)
+        if pod_idle_timeout is not None and not (0 < pod_idle_timeout < math.inf):
+            raise ValueError("pod_idle_timeout must be a positive number of seconds or None")
+        self._idle = pod_idle_timeout
+        self._next_sweep = 0.0
+        self._slots: int | None = None
+        """Cached ``_pod_count`` for the hot path (None: recount)."""
+        if len(pods) > max_pods:
+            raise ValueError(f"{len(pods)} pod endpoints configured, more than max_pods={max_pods}")
 
         self._lock = threading.Lock()
         """Guards the registries below (and ``_seq.tracks``) against concurrent readers;
@@ -131,7 +137,13 @@ class Subscriber:
         for spec in pods:
             self._register_spec(check_pod_endpoint(spec))
         self._links = Links(
-            lock=self._lock, rcvhwm=rcvhwm, replay=self._replay, prefix=self._prefix_bytes, timeout=_COMMAND_TIMEOUT
+            lock=self._lock,
+            rcvhwm=rcvhwm,
+            replay=self._replay,
+            prefix=self._prefix_bytes,
+            timeout=_COMMAND_TIMEOUT,
+            reconnect=Reconnect(reconnect_ivl, reconnect_ivl_max),
+            max_pods=max_pods,
         )
         self._conns = self._links.conns
         """Connect-mode links by endpoint (changed under ``_lock``)."""
@@ -209,11 +221,14 @@ class Subscriber:
 
     def add_pod(self, endpoint: str, *, pod_id: str | None = None, replay_endpoint: str | None = None) -> PodEndpoint:
         """Connect to one more vLLM publisher. ``ValueError`` for a malformed endpoint or one
-        (or a pod id) already configured."""
+        (or a pod id) already configured, ``PodLimitError`` past ``max_pods``,
+        ``SubscribeError`` when libzmq runs out of sockets."""
         spec = check_pod_endpoint(PodEndpoint(endpoint=endpoint, pod_id=pod_id, replay_endpoint=replay_endpoint))
         with self._lock:
             if self._state == "stopped":
                 raise RuntimeError("subscriber stopped")
+            if self._pod_count() >= self._admit.max_pods:
+                raise PodLimitError(f"already {self._admit.max_pods} pods (zmq.max_pods)")
             self._register_spec(spec)
             running = self._state == "running"
         if running:
@@ -222,6 +237,7 @@ class Subscriber:
             except BaseException:
                 with self._lock:
                     self._specs.pop(spec.endpoint, None)
+                    self._slots = None
                 raise
         self._stats["pods_added"] += 1
         return spec
@@ -291,7 +307,13 @@ class Subscriber:
         merged = {**self._stats, **self._seq.totals}
         out = {key: merged[key] for key in _STAT_KEYS}
         out["replays_in_progress"] = self._seq.replays_in_progress
+        out["pods"] = len(self._seq.tracks)
+        out.update({f"rejected_{k}": v for k, v in self._admit.rejected.items()})
         return out
+
+    def rejections(self) -> dict[str, int]:
+        """Messages refused at the edge, by reason (see ``admission.REJECT_REASONS``)."""
+        return dict(self._admit.rejected)
 
     def sync(self, timeout: float = 5.0) -> bool:
         """Wait until every message received so far has been handed to the core (or dropped
@@ -311,203 +333,8 @@ class Subscriber:
         if spec.pod_id is not None and any(s.pod_id == spec.pod_id for s in self._specs.values()):
             raise ValueError(f"pod id {spec.pod_id!r} is already subscribed")
         self._specs[spec.endpoint] = spec
+        self._slots = None
 
     def _call(self, fn: Any) -> Any:
         """Run ``fn`` on the loop thread (which owns the sockets) and return its result."""
         return self._links.mailbox.call(fn, self._thread)
-
-    # -- sockets (loop thread, or start() before the loop exists) -----------------------------
-
-    def _connect(self, spec: PodEndpoint) -> None:
-        conn = self._links.connect(spec)
-        if spec.pod_id is not None:
-            self._track_for(spec.pod_id, conn)
-        log.info("subscribed to %s (pod %s)", spec.endpoint, spec.pod_id or "from topic")
-
-    def _on_disconnect(self, conn: Conn) -> None:
-        if self._links.redial_if_dropped(conn):
-            endpoint = conn.spec.endpoint
-            self._stats["reconnects"] += 1
-            self._warn("reconnect", endpoint, "connection to %s dropped; re-dialling", endpoint)
-
-    def _remove(self, key: str) -> None:
-        """Loop thread: drop every endpoint and pod that ``key`` names."""
-        pods: set[str] = set()
-        for conn in list(self._conns.values()):
-            spec = conn.spec
-            if key in (spec.endpoint, spec.pod_id) or key in conn.pods:
-                pods |= conn.pods
-                self._links.disconnect(conn)
-                with self._lock:
-                    self._specs.pop(spec.endpoint, None)
-        with self._lock:
-            named = self._specs.pop(key, None)
-            if named is not None and named.pod_id:
-                pods.add(named.pod_id)
-            for s in [s for s in self._specs.values() if s.pod_id == key]:
-                self._specs.pop(s.endpoint)
-        if key in self._seq.tracks or not pods:
-            pods.add(key)
-        for pod in pods:
-            self._links.close_dealer(pod)
-            with self._lock:
-                self._seq.remove_pod(pod)
-            self._indexer.remove_pod(pod)
-            log.info("removed pod %s", pod)
-        self._update_settled()
-
-    def _teardown(self) -> None:
-        self._links.close()
-        self._progress.wake_all()
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                ready = self._links.poll(self._poll_timeout_ms())
-                for sock, _ in ready:
-                    owner = self._links.owners.get(sock, _MISSING)
-                    if sock == self._links.mailbox.fd:
-                        self._links.mailbox.run_pending()
-                    elif owner is _MISSING:
-                        continue  # closed earlier in this round
-                    elif isinstance(owner, Dealer):
-                        self._drain_replay(owner)
-                    elif isinstance(owner, Monitor):
-                        self._on_disconnect(owner.conn)
-                    else:
-                        self._drain_live(sock, owner)
-                if self._seq.replays_in_progress:
-                    self._carry_out(self._seq.due(time.monotonic()))
-                self._update_settled()
-        except Exception:
-            log.exception("event subscriber loop crashed")
-            self._stats["internal_errors"] += 1
-        finally:
-            self._links.mailbox.fail_pending(RuntimeError("subscriber stopped"))
-
-    def _poll_timeout_ms(self) -> int | None:
-        wake_at = self._seq.next_wakeup()
-        if wake_at is None:
-            return None
-        return max(0, math.ceil((wake_at - time.monotonic()) * 1000))
-
-    def _update_settled(self) -> None:
-        self._progress.settle(self._seq.oldest_held())
-
-    def _drain_live(self, sock: zmq.Socket[bytes], conn: Conn | None) -> None:
-        recv = sock.recv_multipart
-        for _ in range(_BURST):
-            try:
-                frames = recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._progress.received += 1
-            try:
-                self._on_live(frames, conn, self._progress.received)
-            except Exception:
-                self._stats["internal_errors"] += 1
-                log.exception("error handling a KV event message; skipped")
-
-    def _on_live(self, frames: list[bytes], conn: Conn | None, index: int) -> None:
-        self._stats["messages_received"] += 1
-        if len(frames) != 3:
-            self._malformed("frames", conn, None, f"{len(frames)} frames")
-            return
-        topic, seq_frame, payload = frames
-        parsed = self._topics.get(topic)
-        if parsed is None:
-            self._malformed("topic", conn, None, repr(topic[:64]))
-            return
-        pod, model = parsed
-        if conn is not None and conn.spec.pod_id is not None:
-            pod = conn.spec.pod_id
-        track = self._seq.tracks.get(pod)
-        if track is None:
-            track = self._track_for(pod, conn)
-        if len(seq_frame) != 8:
-            self._malformed("seq", conn, track, f"{len(seq_frame)}-byte seq frame")
-            return
-        batch = LiveBatch(model, int.from_bytes(seq_frame, "big"), payload)
-        self._carry_out(self._seq.observe(pod, batch, index))
-
-    def _track_for(self, pod: str, conn: Conn | None) -> PodTrack:
-        with self._lock:
-            track = self._seq.add_pod(
-                pod,
-                mode="bind" if conn is None else "connect",
-                endpoint=conn.spec.endpoint if conn else self._links.bound_endpoint,
-                replay_endpoint=conn.spec.replay_endpoint if conn else None,
-            )
-            if conn is not None:
-                conn.pods.add(pod)
-        return track
-
-    def _malformed(self, reason: str, conn: Conn | None, track: PodTrack | None, what: str) -> None:
-        self._stats[f"malformed_{reason}"] += 1
-        if track is None and conn is not None and conn.spec.pod_id is not None:
-            track = self._seq.tracks.get(conn.spec.pod_id)
-        if track is not None:
-            track.malformed += 1
-        source = track.pod if track else (conn.spec.endpoint if conn else "bind")
-        self._warn(reason, source, "malformed KV event message from %s (%s): skipped", source, what)
-
-    def _drain_replay(self, dealer: Dealer) -> None:
-        pod, sock = dealer.pod, dealer.socket
-        for _ in range(_BURST):
-            if self._links.dealers.get(pod) is not dealer:
-                return  # the replay ended (or moved on to a new attempt or gap)
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = parse_reply(frames)
-            except ValueError as exc:
-                self._stats["malformed_replay"] += 1
-                self._warn("replay", pod, "bad replay reply for pod %s: %s", pod, exc)
-                continue
-            parsed = self._topics.get(reply.topic) if reply.topic else None
-            model = parsed[1] if parsed else None
-            self._carry_out(self._seq.on_reply(pod, reply, time.monotonic(), model))
-
-    # -- carrying out the sequencer's decisions ----------------------------------------------
-
-    def _carry_out(self, decisions: list[Decision]) -> None:
-        """Do what the sequencer decided, in order. A replay request that cannot be sent ends
-        that replay at once; its follow-up decisions run before the rest of the list."""
-        todo = deque(decisions)
-        while todo:
-            d = todo.popleft()
-            log_decision(d, self._warn)
-            if isinstance(d, Apply):
-                self._submit(d.pod, d.batch)
-            elif isinstance(d, Reset):
-                self._indexer.clear_pod(d.pod)
-            elif isinstance(d, SendReplay):
-                todo.extendleft(reversed(self._send_replay(d)))
-            elif isinstance(d, ReplayTimeout | ReplayEnd):
-                self._links.close_dealer(d.pod)
-
-    def _submit(self, pod: str, batch: LiveBatch) -> None:
-        try:
-            if not self._indexer.submit(pod, batch.model, batch.seq, batch.payload):
-                self._stats["pushbacks"] += 1
-        except KvIndexError as exc:
-            self._stats["submit_errors"] += 1
-            self._warn("submit", pod, "core refused a batch of pod %s: %s", pod, exc)
-        self._stats["messages_applied"] += 1
-
-    def _send_replay(self, d: SendReplay) -> list[Decision]:
-        """Open the attempt's DEALER; the decisions that follow a failed send."""
-        try:
-            self._links.open_dealer(d.pod, d.endpoint, d.start_seq)
-        except zmq.ZMQError as exc:
-            self._warn("replay", d.pod, "replay request to %s failed: %s", d.endpoint, exc)
-            return self._seq.replay_failed(d.pod)
-        self._seq.replay_sent(d.pod, time.monotonic())
-        return []
-
-
-_MISSING: Any = object()

@@ -26,6 +26,8 @@ END_SEQ = b"\xff" * 8
 
 _SEQ_BYTES = 8
 _SCHEMES = ("tcp", "ipc")
+_MAX_POD_ID_BYTES = 253 + 6
+"""A DNS name plus ``:port`` (``admission.MAX_POD_ID_BYTES``)."""
 
 
 @dataclass(frozen=True)
@@ -138,4 +140,6 @@ def check_pod_endpoint(spec: PodEndpoint) -> PodEndpoint:
         validate_endpoint(spec.replay_endpoint)
     if spec.pod_id is not None and (not isinstance(spec.pod_id, str) or not spec.pod_id):
         raise ValueError("pod_id must be a non-empty string or None")
+    if spec.pod_id is not None and len(spec.pod_id.encode("utf-8")) > _MAX_POD_ID_BYTES:
+        raise ValueError(f"pod_id longer than {_MAX_POD_ID_BYTES} bytes")
     return spec

@@ -32,7 +32,8 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
     """Settings for a loopback test server; environment variables are not read."""
     base: dict[str, Any] = {
         "http": {"host": "127.0.0.1", "port": 0},
-        "zmq": {"bind": "tcp://127.0.0.1:*", "replay_timeout": 0.2, "replay_retries": 0},
+        # verify_peer off: the captured fixtures name pods like 10.0.0.1:8000, sent from 127.0.0.1
+        "zmq": {"bind": "tcp://127.0.0.1:*", "replay_timeout": 0.2, "replay_retries": 0, "verify_peer": False},
         "index": {"hash_seed": "42", "shards": 2},
         "tokenizers": {"max_workers": 2},
     }

@@ -217,7 +217,11 @@ class Rig:
         return pub
 
     def subscriber(self, ix: Any, *, probe: Iterable[Publisher] = (), start: bool = True, **kw: Any) -> Subscriber:
-        """A subscriber (started unless ``start=False``) that has heard every ``probe``."""
+        """A subscriber (started unless ``start=False``) that has heard every ``probe``.
+
+        Peer verification is off unless a test asks for it: the captured fixtures name pods
+        like ``10.0.0.1:8000`` and are published from 127.0.0.1."""
+        kw.setdefault("verify_peer", False)
         sub = Subscriber(ix, **kw)
         self._subscribers.append(sub)
         if start:

@@ -132,7 +132,7 @@ def scorer_url(capture: dict[str, Any], model: str, tokenizer_dir: str) -> Itera
     settings = load_settings(
         overrides={
             "http": {"host": "127.0.0.1", "port": 0},
-            "zmq": {"bind": "tcp://127.0.0.1:*"},
+            "zmq": {"bind": "tcp://127.0.0.1:*", "verify_peer": False},  # fixtures name 10.0.0.x pods
             "index": {"hash_seed": str(capture["pythonhashseed"]), "block_size": capture["block_size"], "shards": 2},
             "tokenizers": {"sources": {model: tokenizer_dir}, "llama32_defaults": False, "max_workers": 2},
         }

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvindex_service._native import PodState
 from kvindex_service.api.body import json_body, parse_body
 from kvindex_service.api.deps import RuntimeDep
-from kvindex_service.errors import BadEndpointError, PodConflictError, PodNotFoundError
+from kvindex_service.errors import BadEndpointError, PodConflictError, PodNotFoundError, ServiceError
+from kvindex_service.events.admission import MAX_POD_ID_BYTES, SubscribeError, parse_networks
+from kvindex_service.events.outbound import check_outbound
 from kvindex_service.runtime import Runtime
 
 __all__ = ["AddPodRequest", "known_pods", "router"]
@@ -36,9 +38,11 @@ _NATIVE_FIELDS = (
 class AddPodRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    endpoint: str = Field(min_length=1, description="vLLM's PUB endpoint, e.g. tcp://10.0.0.1:5557")
-    pod_id: str | None = Field(default=None, description="overrides the pod id found in the topic")
-    replay_endpoint: str | None = Field(default=None, description="vLLM's replay ROUTER endpoint")
+    endpoint: str = Field(min_length=1, max_length=1024, description="vLLM's PUB endpoint, e.g. tcp://10.0.0.1:5557")
+    pod_id: str | None = Field(
+        default=None, min_length=1, max_length=MAX_POD_ID_BYTES, description="overrides the pod id found in the topic"
+    )
+    replay_endpoint: str | None = Field(default=None, max_length=1024, description="vLLM's replay ROUTER endpoint")
 
 
 def _native(state: PodState) -> dict[str, Any]:
@@ -83,30 +87,36 @@ def list_pods(runtime: RuntimeDep) -> dict[str, Any]:
     status_code=201,
     summary="Subscribe to a pod (connect mode)",
     openapi_extra=json_body(AddPodRequest),
-    responses={400: {"description": "bad endpoint"}, 409: {"description": "already subscribed"}},
+    responses={
+        400: {"description": "bad endpoint, or its host does not resolve"},
+        403: {"description": "endpoint outside zmq.connect_allow"},
+        409: {"description": "already subscribed"},
+        422: {"description": "malformed body"},
+        429: {"description": "zmq.max_pods reached"},
+        503: {"description": "the subscriber cannot take another subscription now"},
+    },
 )
 async def add_pod(request: Request, runtime: RuntimeDep) -> JSONResponse:
     req = await parse_body(request, AddPodRequest)
-    from kvindex_service.events.topic import validate_endpoint
-
     sub = runtime.subscriber
     if sub is None:
         raise PodNotFoundError(req.pod_id or req.endpoint)
-    for ep, what in ((req.endpoint, "endpoint"), (req.replay_endpoint, "replay_endpoint")):
-        if ep is None:
-            continue
-        try:
-            validate_endpoint(ep)
-        except ValueError as exc:
-            raise BadEndpointError(f"bad {what} {ep!r}: {exc}") from None
+    allow = parse_networks(runtime.settings.zmq.connect_allow)
+    # Validated, resolved (off the event loop) and checked against zmq.connect_allow.
+    endpoint = await check_outbound(req.endpoint, allow)
+    replay = req.replay_endpoint
+    if replay is not None:
+        replay = await check_outbound(replay, allow, "replay_endpoint")
     for existing in sub.endpoints():
-        if existing.endpoint == req.endpoint or (req.pod_id and existing.pod_id == req.pod_id):
+        if existing.endpoint in (req.endpoint, endpoint) or (req.pod_id and existing.pod_id == req.pod_id):
             raise PodConflictError(f"already subscribed: endpoint {existing.endpoint!r}, pod id {existing.pod_id!r}")
     try:
         # Off the event loop: the subscriber's loop thread does the connect and answers.
-        added = await asyncio.to_thread(
-            sub.add_pod, req.endpoint, pod_id=req.pod_id, replay_endpoint=req.replay_endpoint
-        )
+        added = await asyncio.to_thread(sub.add_pod, endpoint, pod_id=req.pod_id, replay_endpoint=replay)
+    except ServiceError:
+        raise  # 429 past zmq.max_pods, 503 when sockets run out
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        raise SubscribeError(f"cannot subscribe now: {exc}") from None
     except ValueError as exc:
         text = str(exc)
         if "already" in text or "duplicate" in text:
