@@ -56,6 +56,7 @@ class Service:
         self._log = self.log_path.open("w")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVINDEX_")}
         env["PYTHONPATH"] = str(ROOT)
+        env["KVINDEX_ZMQ__VERIFY_PEER"] = "false"  # the bench publishes 10.1.0.x pods from loopback
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvindex_service", "serve", "--host", "127.0.0.1", "--port", "0",
              "--zmq-bind", "tcp://127.0.0.1:*", "--hash-seed", "42", "--log-json"],
