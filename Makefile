@@ -6,7 +6,11 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.deps-stamp
 RUST_SRC := $(wildcard rust/*.rs) Cargo.toml
 
-.PHONY: run test test-rust test-py build bench bench-rust bench-py demo lint stubtest clean
+.PHONY: help run test test-rust test-py build bench bench-rust bench-py demo lint stubtest fuzz clean
+
+## help: list the targets
+help:
+	@grep -E '^## [a-z-]+:' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z-]+): /\1\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,23 +25,30 @@ $(VENV)/.native-stamp: $(STAMP) $(RUST_SRC)
 	$(PY) -c "import kvindex_service._native"
 	touch $@
 
+## build: create .venv, install the dependencies and build the native module
 build: $(VENV)/.native-stamp
 
+## run: start the scoring service with the defaults (kvindex serve)
 run: build
 	$(VENV)/bin/kvindex serve
 
+## test: run the Rust and the Python test suites
 test: build test-rust test-py
 
+## test-rust: cargo test of the core
 test-rust:
 	cargo test --quiet --lib
 
+## test-py: pytest (includes the schemathesis contract test)
 test-py: build
 	$(PY) -m pytest -q tests
 
+## stubtest: check the native module's type stub against the built extension
 stubtest: build
 	$(PY) -m mypy.stubtest kvindex_service._native
 
 # Python first (fast), then Rust, then the stub against the built extension.
+## lint: ruff, mypy --strict, cargo fmt and clippy, stubtest
 lint: build
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -46,17 +57,21 @@ lint: build
 	cargo clippy --quiet --all-targets --features python -- -D warnings
 	$(PY) -m mypy.stubtest kvindex_service._native
 
+## bench: every benchmark
 bench: bench-rust bench-py
 
+## bench-rust: criterion benchmarks of the core
 bench-rust:
 	mkdir -p benches/out
 	cargo bench --bench core -- --noplot 2>&1 | tee benches/out/criterion.txt
 
+## bench-py: pytest-benchmark benchmarks and the report
 bench-py: build
 	mkdir -p benches/out
 	$(PY) -m pytest benches -q --benchmark-enable --benchmark-json=benches/out/pytest-benchmark.json -p no:cacheprovider
 	$(PY) benches/report.py
 
+## demo: simulate a 3-pod fleet for 60 s and plot it
 demo: build
 	mkdir -p benches/out
 	$(VENV)/bin/kvindex simulate --workload shared-prefix --pods 3 --duration 60 --seed 7 --plot benches/out/demo.png
@@ -66,5 +81,6 @@ fuzz: build
 	$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q atheris
 	$(PY) tools/fuzz.py --seconds $${FUZZ_SECONDS:-60}
 
+## clean: remove build outputs and the venv
 clean:
 	rm -rf target $(VENV) benches/out

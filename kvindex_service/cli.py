@@ -11,6 +11,9 @@ never pays for gRPC or the simulator, and a missing optional package is a clear 
 ``tcp://0.0.0.0:5557`` that every vLLM pod connects to, and HTTP on port 8080 with block
 size 16. Flags override the environment (``KVINDEX_*``), which overrides the YAML file
 (``--config`` / ``KVINDEX_CONFIG``), which overrides the defaults.
+
+A bad flag, port, config file or an unusable component at start ends ``serve`` with one
+line on stderr naming the problem and the value, and exit status 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import uvicorn
@@ -37,6 +41,39 @@ _DELEGATED = {
     "extproc": ("kvindex_service.extproc.cli", "the Envoy ext_proc endpoint picker"),
     "simulate": ("kvindex_service.sim.cli", "the vLLM fleet simulator"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, minus the usage block on errors: one line naming the problem, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fail(message: str) -> int:
+    print(f"kvindex serve: {message}", file=sys.stderr)
+    return 2
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvindex")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout without install
+        from kvindex_service import __version__
+
+        return str(__version__)
 
 
 def _key_value(flag: str, text: str) -> tuple[str, str]:
@@ -61,10 +98,11 @@ def _chat_template(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvindex",
         description="KV-cache-aware routing index for vLLM fleets.",
     )
+    parser.add_argument("--version", action="version", version=f"kvindex {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser(
         "serve",
@@ -74,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="FILE", help="YAML config file (default: $KVINDEX_CONFIG)")
     serve.add_argument("--host", help="HTTP listen address (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="HTTP port (default 8080; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, help="HTTP port (default 8080; 0 picks a free one)")
     serve.add_argument(
         "--zmq-bind",
         metavar="ENDPOINT",
@@ -104,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL=FILE",
         help="chat template for a model, like vLLM's --chat-template (repeatable)",
     )
+    serve.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="require 'Authorization: Bearer <token>' (token read from FILE) on all but the probes",
+    )
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve HTTPS (with --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     serve.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     for name, (_, help_text) in _DELEGATED.items():
@@ -123,6 +168,13 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     put("http", "host", args.host)
     put("http", "port", args.port)
+    put("http", "tls_cert", args.tls_cert)
+    put("http", "tls_key", args.tls_key)
+    if args.auth_token_file is not None:
+        token = Path(args.auth_token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {args.auth_token_file} is empty")
+        put("http", "auth_token", token)
     put("zmq", "bind", args.zmq_bind)
     put("zmq", "pods", args.pod)
     put("index", "block_size", args.block_size)
@@ -136,6 +188,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import yaml
     from pydantic import ValidationError
 
     from kvindex_service.config import load_settings
@@ -143,24 +196,64 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.config, serve_overrides(args))
-    except (ValidationError, OSError, ValueError) as exc:
-        print(f"kvindex serve: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+    except ValidationError as exc:
+        return _fail(f"invalid configuration: {_validation_line(exc)}")
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename or 'a file'}: {exc.strerror or exc}")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return _fail(f"config file {args.config or '$KVINDEX_CONFIG'} is not valid YAML: {problem}{where}")
+    except ValueError as exc:
+        return _fail(f"invalid configuration: {exc}")
+    tls_error = _check_tls(settings.http)
+    if tls_error is not None:
+        return _fail(tls_error)
     configure_logging(settings.log.level, settings.log.json_)
     return asyncio.run(_run_server(settings))
+
+
+def _validation_line(exc: Any) -> str:
+    """A pydantic ValidationError as one line: ``loc: message (got value)`` per error."""
+    parts = []
+    for err in exc.errors(include_url=False)[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        value = err.get("input")
+        got = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{loc}: {err.get('msg', '')}{got}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; +{more} more" if more > 0 else "")
+
+
+def _check_tls(http: Any) -> str | None:
+    """Load the certificate and key once up front, so a bad pair is one clear line."""
+    if http.tls_cert is None:
+        return None
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(http.tls_cert, http.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        return f"cannot use TLS certificate {http.tls_cert} with key {http.tls_key}: {exc}"
+    return None
 
 
 async def _run_server(settings: Any) -> int:
     import uvicorn
 
     from kvindex_service.api import create_app
+    from kvindex_service.runtime import Runtime
 
     http = settings.http
     family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose
     # proto says TCP, and without it Nagle holds every response body back for the client's
     # delayed ACK (~40 ms per request on Linux).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except OSError as exc:
+        return _fail(f"cannot listen on {http.host}:{http.port}: {exc}")
     try:
         # Bind here, not in uvicorn, so the real port is known (and logged) even for port 0.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -168,31 +261,60 @@ async def _run_server(settings: Any) -> int:
         # Listen now: a client that read the logged address may connect at once; the kernel
         # queues it until uvicorn accepts (after the runtime has started).
         sock.listen(2048)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:
         sock.close()
-        logger.error("cannot listen on %s:%s: %s", http.host, http.port, exc)
-        return 1
+        return _fail(f"cannot listen on {http.host}:{http.port}: {exc}")
     port = sock.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(message: str) -> None:  # from the tokenizer preload thread
+        fatal.append(message)
+        if server is not None:
+            loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+
+    # The CLI starts the runtime itself (the app borrows it), so that a component that
+    # cannot start is one line and exit 2 rather than uvicorn's startup traceback.
+    runtime = Runtime(settings, strict_tokenizers=True, on_fatal=on_fatal)
+    try:
+        await asyncio.to_thread(runtime.start)
+    except Exception as exc:
+        sock.close()
+        return _fail(f"cannot start: {_one_line(exc)}")
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(runtime=runtime),
         log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
         server_header=False,
+        ssl_certfile=http.tls_cert,
+        ssl_keyfile=http.tls_key,
     )
     server = _server_class()(config)
-    logger.info("serving HTTP", extra={"http": f"http://{http.host}:{port}"})
+    if fatal:
+        server.should_exit = True
+    scheme = "https" if http.tls_cert else "http"
+    logger.info("serving HTTP", extra={"http": f"{scheme}://{http.host}:{port}"})
     try:
         # uvicorn installs SIGINT/SIGTERM handlers: a signal ends serve() after in-flight
-        # requests finish and the lifespan has stopped the runtime.
+        # requests finish.
         await server.serve(sockets=[sock])
     finally:
         sock.close()
+        await asyncio.to_thread(runtime.stop)
+    if fatal:
+        return _fail(fatal[0])
     if not server.started:
         return 1
     logger.info("stopped")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 def _server_class() -> type[uvicorn.Server]:

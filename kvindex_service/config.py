@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from kvindex_service._native import index_defaults
@@ -59,6 +59,25 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout: float = Field(default=30.0, gt=0, description="seconds per request, then 504")
+    auth_token: SecretStr | None = Field(
+        default=None,
+        description="when set, every route but /healthz and /readyz needs 'Authorization: Bearer <token>'",
+    )
+    tls_cert: str | None = Field(default=None, description="PEM certificate (chain) file: serve HTTPS")
+    tls_key: str | None = Field(default=None, description="PEM private key file for tls_cert")
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
 
 
 class PodConfig(_Section):
@@ -157,6 +176,10 @@ class TokenizerSettings(_Section):
     prefix_store_chars: int = Field(default=64_000_000, ge=0)
     chunk_chars: int = Field(default=256, ge=1)
     max_workers: int = Field(default=4, ge=1)
+    max_messages: int = Field(default=4096, ge=1, description="chat messages per request, else 413")
+    max_prompt_chars: int = Field(
+        default=2_000_000, ge=1, description="characters of a prompt or rendered chat per request, else 413"
+    )
     hf_cache: str | None = None
     llama32_defaults: bool = Field(
         default=True, description="serve the Llama 3.2 model names with the bundled tokenizer"

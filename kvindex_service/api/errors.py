@@ -6,6 +6,7 @@ single place: ``{"error": {"type": ..., "message": ...[, "details": ...]}}``.
 | body not JSON                           | 400    | malformed_json       |
 | validation (pydantic / FastAPI)         | 422    | validation_error     |
 | TokenizationError (template, encode...) | 400    | tokenization_error   |
+| InputTooLargeError (tokenizer limits)   | 413    | input_too_large      |
 | UnknownModelError                       | 404    | unknown_model        |
 | native InvalidInputError                | 400    | invalid_input        |
 | ServiceError subclasses                 | own    | own                  |
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvindex_service._native import InvalidInputError
 from kvindex_service.api.body import MalformedJSONError
 from kvindex_service.errors import ServiceError, error_body
-from kvindex_service.tokenization import TokenizationError, UnknownModelError
+from kvindex_service.tokenization import InputTooLargeError, TokenizationError, UnknownModelError
 
 __all__ = ["install_exception_handlers"]
 
@@ -84,6 +85,10 @@ async def _tokenization(request: Request, exc: Exception) -> JSONResponse:
     return _reply(400, "tokenization_error", str(exc))
 
 
+async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+    return _reply(413, "input_too_large", str(exc))
+
+
 async def _invalid_input(request: Request, exc: Exception) -> JSONResponse:
     return _reply(400, "invalid_input", str(exc))
 
@@ -119,6 +124,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MalformedJSONError, _malformed)
     app.add_exception_handler(UnknownModelError, _unknown_model)
     app.add_exception_handler(TokenizationError, _tokenization)
+    app.add_exception_handler(InputTooLargeError, _too_large)
     app.add_exception_handler(InvalidInputError, _invalid_input)
     app.add_exception_handler(ServiceError, _service)
     app.add_exception_handler(StarletteHTTPException, _http)

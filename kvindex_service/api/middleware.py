@@ -1,6 +1,9 @@
 """One pure-ASGI middleware for what every request needs before and after the routes.
 
 * request id: ``x-request-id`` echoed when the client sent a sane one, else generated;
+* authentication: with a token configured, every path but the probes needs
+  ``Authorization: Bearer <token>`` (compared in constant time); else 401 with
+  ``WWW-Authenticate: Bearer``, before the body is read;
 * body limit: a declared ``Content-Length`` over the limit is refused before reading; a
   streamed (chunked) body is read up to the limit and refused as soon as it passes it.
   Either way the answer is 413 and the route never sees the body;
@@ -15,6 +18,7 @@ which matters at sub-millisecond latencies.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -34,8 +38,13 @@ access_log = logging.getLogger("kvindex_service.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
+#: Paths answered without a token: orchestrators probe them unauthenticated.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
-def _json_response(status: int, body: dict[str, Any], request_id: str) -> tuple[Message, Message]:
+
+def _json_response(
+    status: int, body: dict[str, Any], request_id: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[Message, Message]:
     payload = json.dumps(body).encode()
     start: Message = {
         "type": "http.response.start",
@@ -44,9 +53,23 @@ def _json_response(status: int, body: dict[str, Any], request_id: str) -> tuple[
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
             (b"x-request-id", request_id.encode()),
+            *extra,
         ],
     }
     return start, {"type": "http.response.body", "body": payload}
+
+
+def _auth_problem(scope: Scope, expected: bytes) -> tuple[str, str] | None:
+    """None when the request carries the token, else (error code, message)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = bytes(value).partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                return "invalid_request", "the Authorization header must be 'Bearer <token>'"
+            if not hmac.compare_digest(token.strip(), expected):
+                return "invalid_token", "the bearer token is not valid"
+            return None
+    return "missing_token", "authentication required: send 'Authorization: Bearer <token>'"
 
 
 class ServiceMiddleware:
@@ -57,8 +80,10 @@ class ServiceMiddleware:
         metrics: ServiceMetrics | None,
         max_body_bytes: int,
         request_timeout: float,
+        auth_token: str | None = None,
     ) -> None:
         self.app = app
+        self.auth_token = auth_token.encode() if auth_token else None
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
@@ -84,6 +109,19 @@ class ServiceMiddleware:
             await send(message)
 
         try:
+            if self.auth_token is not None and scope.get("path") not in OPEN_PATHS:
+                problem = _auth_problem(scope, self.auth_token)
+                if problem is not None:
+                    status = 401
+                    code, msg = problem
+                    challenge = b'Bearer realm="kvindex"'
+                    if code != "missing_token":
+                        challenge += f', error="{code}"'.encode()
+                    err = error_body("unauthorized", msg, {"reason": code})
+                    for m in _json_response(401, err, request_id, ((b"www-authenticate", challenge),)):
+                        await send(m)
+                    started = True
+                    return
             if method in _BODY_METHODS:
                 body = await self._read_body(scope, receive)
                 if body is None:

@@ -5,6 +5,7 @@ are :class:`TokenizationError` (a ``ValueError``) and its subclasses.
 """
 
 from kvindex_service.tokenization.errors import (
+    InputTooLargeError,
     TemplateError,
     TokenizationError,
     TokenizerLoadError,
@@ -15,6 +16,7 @@ from kvindex_service.tokenization.pool import MODES, Tokenized, TokenizerPool
 
 __all__ = [
     "MODES",
+    "InputTooLargeError",
     "TemplateError",
     "TokenizationError",
     "Tokenized",

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
@@ -42,6 +43,7 @@ __all__ = [
     "ContentFormat",
     "builtin_template",
     "detect_content_format",
+    "load_template_setting",
     "normalize_messages",
     "select_template",
 ]
@@ -327,3 +329,16 @@ def _cut_after_final(rendered: str, final: str) -> str:
     if rendered[loc : loc + len(final.lstrip())] == final:
         return rendered[: loc + len(final.lstrip())]
     return rendered[: loc + len(stripped)]
+
+
+def load_template_setting(value: str) -> str:
+    """A configured template: a built-in name, a file path or the template text itself."""
+    if value in BUILTIN_TEMPLATES:
+        return builtin_template(value)
+    if any(c in value for c in "{}\n"):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TemplateError(f"chat template {value!r} is not a file: {exc}") from exc

@@ -7,7 +7,13 @@ also a :class:`LookupError` for callers that want to answer 404.
 
 from __future__ import annotations
 
-__all__ = ["TemplateError", "TokenizationError", "TokenizerLoadError", "UnknownModelError"]
+__all__ = [
+    "InputTooLargeError",
+    "TemplateError",
+    "TokenizationError",
+    "TokenizerLoadError",
+    "UnknownModelError",
+]
 
 
 class TokenizationError(ValueError):
@@ -29,3 +35,13 @@ class TokenizerLoadError(TokenizationError):
 
 class TemplateError(TokenizationError):
     """A chat template failed to compile or render, or called ``raise_exception``."""
+
+
+class InputTooLargeError(TokenizationError):
+    """A prompt or chat is over a configured limit (``setting``); transports answer 413."""
+
+    def __init__(self, what: str, size: int, setting: str, limit: int) -> None:
+        self.setting = setting
+        self.limit = limit
+        self.size = size
+        super().__init__(f"{what}: {size} exceeds the limit {setting}={limit}")

@@ -29,13 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from kvindex_service.tokenization.chat import (
     BUILTIN_TEMPLATES,
     ChatRenderer,
     builtin_template,
+    load_template_setting,
     select_template,
 )
 from kvindex_service.tokenization.errors import (
@@ -44,6 +44,7 @@ from kvindex_service.tokenization.errors import (
     TokenizerLoadError,
     UnknownModelError,
 )
+from kvindex_service.tokenization.limits import Limits, Messages, materialize
 from kvindex_service.tokenization.loader import (
     LoadedTokenizer,
     find_in_hf_cache,
@@ -111,6 +112,8 @@ class TokenizerPool:
         max_workers: int = 4,
         hf_cache: str | None = None,
         clock: Callable[[], datetime] | None = None,
+        limits: Limits | None = None,
+        unavailable: Mapping[str, str] = {},
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -119,6 +122,8 @@ class TokenizerPool:
         self._sources = dict(sources)
         self._template_overrides = dict(chat_templates)
         self._hf_cache = hf_cache
+        self.limits = limits if limits is not None else Limits()
+        self._unavailable = dict(unavailable)  # model -> why its tokenizer is missing (404 text)
         self.mode = mode
         self._store = PrefixStore(prefix_store_chars, chunk_chars)
         self._fast_sync_chars = chunk_chars
@@ -192,7 +197,8 @@ class TokenizerPool:
             if spec is None:
                 snapshot = find_in_hf_cache(model, self._hf_cache)
                 if snapshot is None:
-                    raise UnknownModelError(model, "not configured and not in the local HF cache")
+                    why = self._unavailable.get(model, "not configured and not in the local HF cache")
+                    raise UnknownModelError(model, why)
                 spec = str(snapshot)
             source = resolve_source(spec, self._hf_cache)
             key = str(source.tokenizer_json.resolve())
@@ -225,7 +231,7 @@ class TokenizerPool:
         if override is not None:
             cached = self._templates.get(model)
             if cached is None:
-                cached = _load_template_setting(override)
+                cached = load_template_setting(override)
                 self._templates[model] = cached
             return cached
         chosen = select_template(lt.chat_templates, tools)
@@ -271,23 +277,30 @@ class TokenizerPool:
         self._check_open()
         if not isinstance(text, str):
             raise TokenizationError("prompt text must be a string")
+        self.limits.check_text(len(text))
         lt = self._tokenizer(model)
         self._count("tokenize_calls")
         return self._tokenize(lt, text, add_special_tokens)
 
-    def tokenize_chat(self, model: str, messages: list[dict[str, Any]], **render_kwargs: Any) -> Tokenized:
-        """Render the chat, then tokenize without adding special tokens (the template has BOS)."""
-        text = self.render_chat(model, messages, **render_kwargs)
+    def tokenize_chat(self, model: str, messages: Messages, **render_kwargs: Any) -> Tokenized:
+        """Render the chat, then tokenize without adding special tokens (the template has BOS).
+        ``messages`` may be a callable returning them (called here, on this thread)."""
+        msgs = materialize(messages)
+        self.limits.check_messages(len(msgs))
+        self.limits.check_chat_content(msgs)
+        text = self.render_chat(model, msgs, **render_kwargs)
+        self.limits.check_text(len(text), "rendered chat characters")
         return self.tokenize(model, text, add_special_tokens=False)
 
     async def atokenize(self, model: str, text: str, *, add_special_tokens: bool = True) -> Tokenized:
         self._check_open()
+        self.limits.check_text(len(text) if isinstance(text, str) else 0)
         hit = self._inline_hit(model, text, add_special_tokens)
         if hit is not None:
             return hit
         return await self._offload(partial(self.tokenize, model, text, add_special_tokens=add_special_tokens))
 
-    async def atokenize_chat(self, model: str, messages: list[dict[str, Any]], **render_kwargs: Any) -> Tokenized:
+    async def atokenize_chat(self, model: str, messages: Messages, **render_kwargs: Any) -> Tokenized:
         return await self._offload(partial(self.tokenize_chat, model, messages, **render_kwargs))
 
     async def _offload(self, fn: Callable[[], Tokenized]) -> Tokenized:
@@ -482,16 +495,3 @@ class TokenizerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _load_template_setting(value: str) -> str:
-    """A configured template: a built-in name, a file path or the template text itself."""
-    if value in BUILTIN_TEMPLATES:
-        return builtin_template(value)
-    if any(c in value for c in "{}\n"):
-        return value
-    path = Path(value).expanduser()
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TemplateError(f"chat template {value!r} is not a file: {exc}") from exc

@@ -52,8 +52,9 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     )  # fmt: skip
     lines: list[str] = []
     try:
-        url = _wait_line(proc, r'"http":"(http://127\.0\.0\.1:\d+)"', lines).group(1)
+        # The runtime starts (and logs its ZMQ endpoint) before HTTP is served.
         zmq_bind = _wait_line(proc, r'"zmq_bind":"(tcp://127\.0\.0\.1:\d+)"', lines).group(1)
+        url = _wait_line(proc, r'"http":"(http://127\.0\.0\.1:\d+)"', lines).group(1)
         with httpx.Client(base_url=url, timeout=10.0) as c:
             deadline = time.monotonic() + 30
             while c.get("/readyz").status_code != 200:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from kvindex_service._native import ScoreResult
 from kvindex_service.api.body import json_body, parse_body
 from kvindex_service.api.deps import RuntimeDep, ScoringDep
+from kvindex_service.api.responses import errors
 from kvindex_service.errors import InvalidRequestError
 from kvindex_service.runtime import Runtime
 from kvindex_service.scoring import ChatMessage, ScoreRequest, TokenId
@@ -78,16 +79,21 @@ def _pod_map(result: ScoreResult) -> dict[str, float]:
     return {s.pod: s.score for s in result.scores if s.score > 0}
 
 
-@router.post("/score_completions", summary="llm-d: score a completion prompt",
-             openapi_extra=json_body(LlmdCompletionsRequest))  # fmt: skip
+_PodMap = dict[str, float]
+_SCORE_ERRORS = errors(400, 404, 413, 422, 503, 504)
+_QUERY_ERRORS = errors(400, 413, 422, 503, 504)
+
+
+@router.post("/score_completions", summary="llm-d: score a completion prompt", response_model=_PodMap,
+             openapi_extra=json_body(LlmdCompletionsRequest), responses=_SCORE_ERRORS)  # fmt: skip
 async def score_completions(request: Request, scoring: ScoringDep) -> JSONResponse:
     req = await parse_body(request, LlmdCompletionsRequest)
     scored = await scoring.evaluate(ScoreRequest(model=req.model, prompt=req.prompt))
     return JSONResponse(_pod_map(scored.result))
 
 
-@router.post("/score_chat_completions", summary="llm-d: score a chat request",
-             openapi_extra=json_body(LlmdChatRequest))  # fmt: skip
+@router.post("/score_chat_completions", summary="llm-d: score a chat request", response_model=_PodMap,
+             openapi_extra=json_body(LlmdChatRequest), responses=_SCORE_ERRORS)  # fmt: skip
 async def score_chat_completions(request: Request, scoring: ScoringDep) -> JSONResponse:
     req = await parse_body(request, LlmdChatRequest)
     messages = req.messages if req.messages is not None else req.conversation
@@ -187,7 +193,7 @@ def _mooncake(runtime: Runtime, q: _QueryBase, result: ScoreResult, block_size: 
 
 
 @router.post("/query", summary="Mooncake RFC 1403: matched tokens per instance, tier, DP rank",
-             openapi_extra=json_body(QueryRequest))  # fmt: skip
+             openapi_extra=json_body(QueryRequest), responses=_QUERY_ERRORS)  # fmt: skip
 async def query(request: Request, runtime: RuntimeDep, scoring: ScoringDep) -> JSONResponse:
     q = await parse_body(request, QueryRequest)
     block_size = _check_block_size(runtime, q)
@@ -199,7 +205,7 @@ async def query(request: Request, runtime: RuntimeDep, scoring: ScoringDep) -> J
 
 
 @router.post("/query_by_hash", summary="Mooncake RFC 1403: the same for precomputed block keys",
-             openapi_extra=json_body(QueryByHashRequest))  # fmt: skip
+             openapi_extra=json_body(QueryByHashRequest), responses=_QUERY_ERRORS)  # fmt: skip
 async def query_by_hash(request: Request, runtime: RuntimeDep) -> Response:
     q = await parse_body(request, QueryByHashRequest)
     block_size = _check_block_size(runtime, q)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from kvindex_service.api.body import json_body, parse_body
 from kvindex_service.api.deps import ScoringDep
+from kvindex_service.api.responses import errors
 from kvindex_service.scoring import ScoreRequest, ScoreResponse
 
 __all__ = ["router"]
@@ -20,12 +21,7 @@ _serialize = ScoreResponse.__pydantic_serializer__.to_json
     summary="Score pods for one prompt",
     response_model=ScoreResponse,
     openapi_extra=json_body(ScoreRequest),
-    responses={
-        400: {"description": "malformed JSON, tokenization error, token id out of range"},
-        404: {"description": "no tokenizer for the model"},
-        413: {"description": "body over the limit"},
-        422: {"description": "invalid request"},
-    },
+    responses=errors(400, 404, 413, 422, 503, 504, s422="invalid request, including an unknown field"),
 )
 async def score(request: Request, scoring: ScoringDep) -> Response:
     """Longest run of leading KV blocks each pod holds for this prompt, best pod first.
