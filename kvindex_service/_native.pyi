@@ -4,6 +4,7 @@ Every call does one whole request's work (one prompt, one event batch) and relea
 the GIL while the core computes.
 """
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Self, TypedDict, final
 
@@ -18,6 +19,9 @@ __all__ = [
     "PodScore",
     "PodState",
     "ScoreResult",
+    "SnapshotError",
+    "SnapshotMismatchError",
+    "SnapshotStream",
     "ThreadStartError",
     "TokenProcessor",
     "__version__",
@@ -40,6 +44,35 @@ class ClosedError(KvIndexError, RuntimeError):
 
 class ThreadStartError(KvIndexError, RuntimeError):
     """The OS refused a worker thread (the indexer could not start)."""
+
+class SnapshotError(KvIndexError, ValueError):
+    """A snapshot that cannot be loaded: not a snapshot, another format version, truncated,
+    corrupt (checksum), or the index already holds pods. Nothing of it was applied."""
+
+class SnapshotMismatchError(SnapshotError):
+    """A snapshot written by an index with another block size, hash algorithm or seed."""
+
+@final
+class SnapshotStream:
+    """The snapshot's byte chunks (about 1 MiB each), copied from the index one shard at a
+    time when asked for (GIL released)."""
+
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> bytes: ...
+    @property
+    def max_lock_hold(self) -> float:
+        """Longest time one index shard was locked by this stream so far (seconds)."""
+    @property
+    def keys(self) -> int:
+        """Keys written so far."""
+
+class _SnapshotLoaded(TypedDict):
+    keys: int
+    entries: int
+    pods: int
+    models: int
+    bridge_entries: int
+    dropped_entries: int
 
 class _IndexDefaults(TypedDict):
     block_size: int
@@ -230,3 +263,16 @@ class Indexer:
         unknown parents, push-backs, evictions..."""
     def close(self) -> None:
         """Apply what is queued, then stop the shard workers."""
+    # -- snapshots (warm restart) ----------------------------------------------------------------
+    def snapshot(self) -> SnapshotStream:
+        """Stream the whole index (versioned binary format, xxh3-checksummed) without stopping
+        ingestion or scoring: each chunk copies one shard under that shard's lock only."""
+    def load_snapshot(self, data: bytes) -> _SnapshotLoaded:
+        """Load a snapshot into this fresh indexer (no pod or model yet), keys in their LRU
+        order; each pod's last_seq is its last batch fully applied when the snapshot began.
+        Raises SnapshotMismatchError / SnapshotError; on error nothing is applied."""
+    def load_snapshot_file(self, path: str | os.PathLike[str]) -> _SnapshotLoaded:
+        """`load_snapshot` of a file's contents (read without the GIL); OSError if unreadable."""
+    def check_snapshot_header(self, data: bytes) -> None:
+        """Check only the header (``data`` may end right after it): SnapshotMismatchError when
+        it was written with another block size, algorithm or seed."""

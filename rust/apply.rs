@@ -53,6 +53,7 @@ impl Inner {
                 self.counters.add(C::batch_decode_errors, 1);
                 info.decode_errors.fetch_add(1, Relaxed);
                 res.decode_errors = 1;
+                info.set_applied(seq);
                 return res;
             }
         };
@@ -103,6 +104,7 @@ impl Inner {
         info.batches.fetch_add(1, Relaxed);
         info.events.fetch_add(res.events, Relaxed);
         self.counters.add(C::batches_applied, 1);
+        info.set_applied(seq);
         res
     }
 

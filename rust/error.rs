@@ -19,6 +19,22 @@ pub enum Error {
     Spawn { thread: String, reason: String },
     /// The indexer was closed and accepts no more work.
     Closed,
+    /// A snapshot that cannot be loaded (`snapshot.rs`); nothing of it was applied.
+    Snapshot { kind: SnapshotKind, detail: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// Written by an index with another block size, hash algorithm or seed.
+    Mismatch,
+    /// Not a kvindex snapshot, or a format version this build cannot read.
+    Unsupported,
+    /// The data ends early.
+    Truncated,
+    /// Checksum or structure wrong.
+    Corrupt,
+    /// The indexer already holds pods or models.
+    NotEmpty,
 }
 
 /// What was wrong with an engine's bytes, plus a human detail.
@@ -53,6 +69,9 @@ impl Error {
     pub fn decode(kind: DecodeKind, detail: impl Into<String>) -> Self {
         Error::Decode(DecodeError { kind, detail: detail.into() })
     }
+    pub fn snapshot(kind: SnapshotKind, detail: impl Into<String>) -> Self {
+        Error::Snapshot { kind, detail: detail.into() }
+    }
     /// The decode kind, if this is a decode error.
     pub fn decode_kind(&self) -> Option<DecodeKind> {
         match self {
@@ -71,6 +90,7 @@ impl fmt::Display for Error {
             Error::Decode(d) => write!(f, "undecodable event data: {}", d.detail),
             Error::Spawn { thread, reason } => write!(f, "cannot start thread {thread}: {reason}"),
             Error::Closed => f.write_str("the indexer is closed"),
+            Error::Snapshot { detail, .. } => write!(f, "snapshot refused: {detail}"),
         }
     }
 }

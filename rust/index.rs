@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use crate::hashing::BlockKey;
+use crate::snapshot::KeyCopy;
 
 pub type PodId = u32;
 pub type ModelId = u32;
@@ -62,6 +63,8 @@ pub type Entries = SmallVec<[u32; 4]>;
 
 struct Node {
     ikey: u64,
+    /// The model `ikey` was mixed with (fits in the padding; snapshots need it back).
+    model: ModelId,
     prev: u32,
     next: u32,
     entries: Entries,
@@ -212,7 +215,7 @@ impl Shard {
         while self.map.len() >= self.cap {
             self.evict_tail();
         }
-        let node = Node { ikey, prev: NIL, next: NIL, entries: Entries::new(), referenced: false };
+        let node = Node { ikey, model: 0, prev: NIL, next: NIL, entries: Entries::new(), referenced: false };
         let i = match self.free.pop() {
             Some(i) => {
                 self.nodes[i as usize] = node;
@@ -231,7 +234,16 @@ impl Shard {
         i
     }
 
-    fn add(&mut self, ikey: u64, pod: PodId, tier: Tier, digest: Option<&[u8; 24]>, max_per_key: usize, keep: bool) {
+    /// Returns the key's node (a new node's `model` is the caller's to set).
+    fn add(
+        &mut self,
+        ikey: u64,
+        pod: PodId,
+        tier: Tier,
+        digest: Option<&[u8; 24]>,
+        max_per_key: usize,
+        keep: bool,
+    ) -> u32 {
         let i = self.node_for_insert(ikey, keep);
         if let (Some(d), true) = (digest, keep) {
             self.digests[i as usize] = *d;
@@ -243,7 +255,7 @@ impl Shard {
             // touch within the key: most recent at the end
             entries.remove(pos);
             entries.push(e);
-            return;
+            return i;
         }
         let mut evicted = None;
         if entries.len() >= max_per_key {
@@ -262,6 +274,7 @@ impl Shard {
             self.count(entry_pod(old), entry_tier(old), -1);
             self.drop_pod_key_if_gone(i, entry_pod(old));
         }
+        i
     }
 
     fn remove(&mut self, ikey: u64, pod: PodId, tier: Tier) -> bool {
@@ -362,7 +375,9 @@ impl BlockIndex {
 
     pub fn add(&self, model: ModelId, pod: PodId, key: BlockKey, tier: Tier, digest: Option<&[u8; 24]>) {
         let ik = model_key(model, key);
-        self.shard(ik).lock().add(ik, pod, tier, digest, self.max_per_key, self.keep_digest);
+        let mut s = self.shard(ik).lock();
+        let i = s.add(ik, pod, tier, digest, self.max_per_key, self.keep_digest);
+        s.nodes[i as usize].model = model;
     }
 
     pub fn remove(&self, model: ModelId, pod: PodId, key: BlockKey, tier: Tier) -> bool {
@@ -436,6 +451,30 @@ impl BlockIndex {
         out
     }
 
+    /// Append shard `i`'s keys to `out`, least recently used first (one shard lock held).
+    pub fn copy_shard(&self, i: usize, out: &mut Vec<KeyCopy>) {
+        let s = self.shards[i].lock();
+        out.reserve(s.map.len());
+        let mut t = s.tail;
+        while t != NIL {
+            let n = &s.nodes[t as usize];
+            let (digest, entries) = (s.digests.get(t as usize).copied().filter(|d| *d != [0; 24]), n.entries.clone());
+            out.push(KeyCopy { ikey: n.ikey, model: n.model, referenced: n.referenced, digest, entries });
+            t = n.prev;
+        }
+    }
+
+    /// Re-create a key as a snapshot recorded it: `entries` oldest first, which makes the key
+    /// the most recently used one (restore keys oldest first).
+    pub fn restore(&self, model: ModelId, key: BlockKey, digest: Option<&[u8; 24]>, entries: &[u32], referenced: bool) {
+        let ik = model_key(model, key);
+        let mut s = self.shard(ik).lock();
+        for &e in entries {
+            let i = s.add(ik, entry_pod(e), entry_tier(e), digest, self.max_per_key, self.keep_digest) as usize;
+            (s.nodes[i].model, s.nodes[i].referenced) = (model, referenced);
+        }
+    }
+
     pub fn stats(&self) -> IndexStats {
         let mut st = IndexStats {
             max_keys: self.max_keys as u64,
@@ -455,91 +494,5 @@ impl BlockIndex {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pods_of(ix: &BlockIndex, model: ModelId, key: BlockKey) -> Vec<(PodId, Tier)> {
-        let mut out = SmallVec::new();
-        ix.lookup_into(model, key, &mut out);
-        let mut v: Vec<_> = out.iter().map(|&e| (entry_pod(e), entry_tier(e))).collect();
-        v.sort();
-        v
-    }
-
-    #[test]
-    fn add_remove_per_tier() {
-        let ix = BlockIndex::new(100, 8, 4, false);
-        ix.add(0, 1, 42, TIER_GPU, None);
-        ix.add(0, 1, 42, TIER_CPU, None);
-        ix.add(0, 2, 42, TIER_GPU, None);
-        assert_eq!(pods_of(&ix, 0, 42), vec![(1, 0), (1, 1), (2, 0)]);
-        assert!(ix.remove(0, 1, 42, TIER_GPU));
-        assert!(!ix.remove(0, 1, 42, TIER_GPU));
-        assert_eq!(pods_of(&ix, 0, 42), vec![(1, 1), (2, 0)]);
-        assert!(ix.holds(0, 1, 42));
-        assert_eq!(ix.stats().entries, 2);
-    }
-
-    #[test]
-    fn models_never_share_entries() {
-        let ix = BlockIndex::new(100, 8, 4, false);
-        ix.add(0, 1, 42, TIER_GPU, None);
-        assert!(pods_of(&ix, 1, 42).is_empty());
-        assert!(!ix.contains(1, 42));
-    }
-
-    #[test]
-    fn key_lru_evicts_least_recent() {
-        let ix = BlockIndex::new(3, 8, 1, false);
-        for k in 1..=3 {
-            ix.add(0, 1, k, TIER_GPU, None);
-        }
-        let mut buf = SmallVec::new();
-        ix.lookup_into(0, 1, &mut buf); // 1 becomes most recent
-        ix.add(0, 1, 4, TIER_GPU, None); // evicts 2
-        assert!(ix.contains(0, 1));
-        assert!(!ix.contains(0, 2));
-        assert!(ix.contains(0, 3) && ix.contains(0, 4));
-        let st = ix.stats();
-        assert_eq!((st.keys, st.entries, st.key_evictions), (3, 3, 1));
-        assert_eq!(ix.pod_tier_counts(1)[0], 3);
-    }
-
-    #[test]
-    fn entry_lru_within_key() {
-        let ix = BlockIndex::new(10, 2, 1, false);
-        ix.add(0, 1, 7, TIER_GPU, None);
-        ix.add(0, 2, 7, TIER_GPU, None);
-        ix.add(0, 1, 7, TIER_GPU, None); // touch pod 1
-        ix.add(0, 3, 7, TIER_GPU, None); // evicts pod 2
-        assert_eq!(pods_of(&ix, 0, 7), vec![(1, 0), (3, 0)]);
-        assert_eq!(ix.stats().entry_evictions, 1);
-        assert_eq!(ix.pod_tier_counts(2)[0], 0);
-        // pod 2's reverse set no longer names the key: clearing it removes nothing
-        assert_eq!(ix.clear_pod(2), 0);
-    }
-
-    #[test]
-    fn clear_pod_only_touches_that_pod() {
-        let ix = BlockIndex::new(1000, 8, 8, false);
-        for k in 0..100 {
-            ix.add(0, 1, k, TIER_GPU, None);
-            ix.add(0, 2, k, TIER_CPU, None);
-        }
-        assert_eq!(ix.clear_pod(1), 100);
-        assert_eq!(ix.stats().entries, 100);
-        assert_eq!(pods_of(&ix, 0, 5), vec![(2, 1)]);
-        assert_eq!(ix.clear_pod(2), 100);
-        let st = ix.stats();
-        assert_eq!((st.keys, st.entries), (0, 0));
-    }
-
-    #[test]
-    fn digests_are_kept_and_dropped_with_their_key() {
-        let ix = BlockIndex::new(10, 8, 2, true);
-        ix.add(0, 1, 9, TIER_GPU, Some(&[3; 24]));
-        assert_eq!(ix.digest_hi(0, 9), Some([3; 24]));
-        ix.remove(0, 1, 9, TIER_GPU);
-        assert_eq!(ix.digest_hi(0, 9), None);
-    }
-}
+#[path = "index_tests.rs"]
+mod tests;

@@ -20,7 +20,9 @@
 //! while one is held. `state_of` takes 1-2-3; events take 3-4 (their tier is resolved before
 //! 3, holding no lock). Resolving a tier may count live entries (index shard locks, one at a
 //! time, the table lock not held); reclaiming serializes on the tier table's own Mutex, taken
-//! first and holding nothing else.
+//! first and holding nothing else. Snapshots (`snapshot.rs`) take 4 one shard at a time,
+//! then `Inner::pods` and `Inner::models` one after the other, then each pod's 2 and 3 alone:
+//! never two at once; loading one takes the same locks the write path does, one at a time.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -300,6 +302,10 @@ impl Indexer {
     pub fn close(&self) {
         self.shards.close();
     }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
 }
 
 impl Inner {
@@ -335,7 +341,15 @@ impl Inner {
         self.models.read().get(model)
     }
 
-    fn model_id(&self, model: &str) -> ModelId {
+    /// Every pod record, by id, and every model name, by id (snapshots; `pods` then
+    /// `models`, one at a time).
+    pub(crate) fn tables(&self) -> (Vec<Arc<PodInfo>>, Vec<Arc<str>>) {
+        let pods = self.pods.read().infos.clone();
+        let models = self.models.read();
+        (pods, (0..models.len() as ModelId).map(|m| models.name(m).clone()).collect())
+    }
+
+    pub(crate) fn model_id(&self, model: &str) -> ModelId {
         if let Some(id) = self.known_model(model) {
             return id;
         }

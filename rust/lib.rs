@@ -7,7 +7,7 @@
 //! Layout: `config` (settings and their defaults), `indexer` (the facade and read path,
 //! with the lock order), `shards` (worker threads), `apply` (event application), `bridge`
 //! (engine hash -> key), `pods` (names and per-pod records), `tiers` (tier names, bounded per
-//! pod and reclaimed), `counters`, `scoring`.
+//! pod and reclaimed), `counters`, `scoring`, `snapshot` (versioned dump and load of the index).
 
 pub mod apply;
 pub mod bridge;
@@ -23,6 +23,7 @@ pub mod msgpack;
 pub mod pods;
 pub mod scoring;
 mod shards;
+pub mod snapshot;
 pub mod tiers;
 
 #[cfg(feature = "python")]
@@ -34,7 +35,7 @@ mod testutil;
 
 pub use apply::ApplyResult;
 pub use config::IndexerConfig;
-pub use error::{DecodeError, DecodeKind, Error, Result};
+pub use error::{DecodeError, DecodeKind, Error, Result, SnapshotKind};
 pub use hashing::{Algorithm, BlockKey, Extras, TokenProcessor};
 pub use index::{BlockIndex, IndexStats, PodId};
 pub use indexer::{FullStats, Indexer};

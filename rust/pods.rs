@@ -64,6 +64,9 @@ pub struct PodInfo {
     /// Events refused because their tier name did not fit.
     pub tiers_refused: AtomicU64,
     last_seq: AtomicI64,
+    /// Last batch applied to the end (`last_seq` is set when a batch starts): snapshots
+    /// record this one, so a batch half-applied while they copy is replayed, not skipped.
+    applied_seq: AtomicI64,
     last_ts: AtomicU64,
     dp_rank: AtomicI64,
 }
@@ -85,6 +88,7 @@ impl PodInfo {
             tier_mask: AtomicU32::new(0),
             tiers_refused: AtomicU64::new(0),
             last_seq: AtomicI64::new(NONE_I64),
+            applied_seq: AtomicI64::new(NONE_I64),
             last_ts: AtomicU64::new(f64::NAN.to_bits()),
             dp_rank: AtomicI64::new(NONE_I64),
         }
@@ -108,6 +112,7 @@ impl PodInfo {
         }
         self.tier_mask.store(0, Relaxed);
         self.last_seq.store(NONE_I64, Relaxed);
+        self.applied_seq.store(NONE_I64, Relaxed);
         self.last_ts.store(f64::NAN.to_bits(), Relaxed);
         self.dp_rank.store(NONE_I64, Relaxed);
     }
@@ -120,6 +125,24 @@ impl PodInfo {
     }
     pub fn set_seq(&self, seq: u64) {
         self.last_seq.store(seq.min(i64::MAX as u64) as i64, Relaxed);
+    }
+    /// A batch finished applying (`None`: it had no sequence number).
+    pub fn set_applied(&self, seq: Option<u64>) {
+        if let Some(s) = seq {
+            self.applied_seq.store(s.min(i64::MAX as u64) as i64, Relaxed);
+        }
+    }
+    pub fn applied_seq(&self) -> Option<u64> {
+        let s = self.applied_seq.load(Relaxed);
+        (s != NONE_I64).then_some(s as u64)
+    }
+    pub fn last_ts(&self) -> Option<f64> {
+        let ts = f64::from_bits(self.last_ts.load(Relaxed));
+        (!ts.is_nan()).then_some(ts)
+    }
+    pub fn dp_rank(&self) -> Option<i64> {
+        let dp = self.dp_rank.load(Relaxed);
+        (dp != NONE_I64).then_some(dp)
     }
     pub fn set_ts(&self, ts: f64) {
         if ts.is_finite() {

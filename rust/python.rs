@@ -12,11 +12,12 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use crate::config::{self, defaults, IndexerConfig};
-use crate::error::Error;
+use crate::error::{Error, SnapshotKind};
 use crate::hashing::{Algorithm, Extras, TokenProcessor};
 use crate::indexer::Indexer;
 use crate::pods::PodState;
 use crate::scoring::{PodScore, ScoreResult};
+use crate::snapshot::SnapshotWriter;
 
 pyo3::create_exception!(
     kvindex_service._native,
@@ -28,10 +29,16 @@ pyo3::create_exception!(
 static INVALID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static CLOSED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static THREAD_START: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static SNAPSHOT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static SNAPSHOT_MISMATCH: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// A subclass of both `KvIndexError` and a builtin, so callers catching the builtin work.
 fn subclass(py: Python<'_>, name: &str, builtin: &Bound<'_, PyType>, doc: &str) -> PyResult<Py<PyType>> {
-    let bases = PyTuple::new(py, [py.get_type::<KvIndexError>().into_any(), builtin.clone().into_any()])?;
+    derive(py, name, &[py.get_type::<KvIndexError>(), builtin.clone()], doc)
+}
+
+fn derive(py: Python<'_>, name: &str, bases: &[Bound<'_, PyType>], doc: &str) -> PyResult<Py<PyType>> {
+    let bases = PyTuple::new(py, bases)?;
     let ns = PyDict::new(py);
     ns.set_item("__doc__", doc)?;
     ns.set_item("__module__", "kvindex_service._native")?;
@@ -67,6 +74,26 @@ fn thread_start_type(py: Python<'_>) -> &Bound<'_, PyType> {
         .bind(py)
 }
 
+fn snapshot_type(py: Python<'_>) -> &Bound<'_, PyType> {
+    SNAPSHOT
+        .get_or_init(py, || {
+            let doc = "A snapshot that cannot be loaded (corrupt, truncated, not a snapshot, or a used index).";
+            subclass(py, "SnapshotError", &py.get_type::<pyo3::exceptions::PyValueError>(), doc)
+                .expect("create SnapshotError")
+        })
+        .bind(py)
+}
+
+fn snapshot_mismatch_type(py: Python<'_>) -> &Bound<'_, PyType> {
+    SNAPSHOT_MISMATCH
+        .get_or_init(py, || {
+            let doc = "A snapshot written with another block size, hash algorithm or seed.";
+            derive(py, "SnapshotMismatchError", &[snapshot_type(py).clone()], doc)
+                .expect("create SnapshotMismatchError")
+        })
+        .bind(py)
+}
+
 /// The one mapping from core errors to Python exceptions.
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -76,6 +103,8 @@ impl From<Error> for PyErr {
                 Error::Decode(_) => invalid_type(py),
                 Error::Spawn { .. } => thread_start_type(py),
                 Error::Closed => closed_type(py),
+                Error::Snapshot { kind: SnapshotKind::Mismatch, .. } => snapshot_mismatch_type(py),
+                Error::Snapshot { .. } => snapshot_type(py),
             };
             PyErr::from_type(class.clone(), e.to_string())
         })
@@ -647,6 +676,27 @@ impl PyIndexer {
         py.detach(|| ix.close())
     }
 
+    fn snapshot(&self) -> PySnapshotStream {
+        PySnapshotStream { writer: parking_lot::Mutex::new(self.ix.snapshot()) }
+    }
+
+    fn load_snapshot(&self, py: Python<'_>, data: &[u8]) -> PyResult<HashMap<&'static str, u64>> {
+        let ix = &self.ix;
+        Ok(loaded(py.detach(|| ix.load_snapshot(data))?))
+    }
+
+    fn load_snapshot_file(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<HashMap<&'static str, u64>> {
+        let ix = &self.ix;
+        let r = py.detach(|| std::fs::read(&path).map(|data| ix.load_snapshot(&data)));
+        Ok(loaded(r.map_err(PyErr::from)??))
+    }
+
+    fn check_snapshot_header(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let ix = &self.ix;
+        py.detach(|| ix.check_snapshot_header(data))?;
+        Ok(())
+    }
+
     fn __repr__(&self) -> String {
         let tp = self.ix.token_processor();
         format!(
@@ -655,6 +705,37 @@ impl PyIndexer {
             tp.algorithm().name(),
             self.ix.num_shards()
         )
+    }
+}
+
+fn loaded(l: crate::snapshot::Loaded) -> HashMap<&'static str, u64> {
+    let fields = [("keys", l.keys), ("entries", l.entries), ("pods", l.pods), ("models", l.models)];
+    fields.into_iter().chain([("bridge_entries", l.bridge_entries), ("dropped_entries", l.dropped_entries)]).collect()
+}
+
+/// `Indexer.snapshot()`: the snapshot's byte chunks, each copied and encoded when asked for.
+#[pyclass(name = "SnapshotStream", module = "kvindex_service._native", frozen)]
+struct PySnapshotStream {
+    writer: parking_lot::Mutex<SnapshotWriter>,
+}
+
+#[pymethods]
+impl PySnapshotStream {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+    fn __next__<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        let w = &self.writer;
+        py.detach(|| w.lock().next()).map(|chunk| PyBytes::new(py, &chunk))
+    }
+    /// Longest time one index shard's lock was held so far (seconds).
+    #[getter]
+    fn max_lock_hold(&self) -> f64 {
+        self.writer.lock().max_lock_hold.as_secs_f64()
+    }
+    #[getter]
+    fn keys(&self) -> u64 {
+        self.writer.lock().keys
     }
 }
 
@@ -685,6 +766,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidInputError", invalid_type(py))?;
     m.add("ClosedError", closed_type(py))?;
     m.add("ThreadStartError", thread_start_type(py))?;
+    m.add("SnapshotError", snapshot_type(py))?;
+    m.add("SnapshotMismatchError", snapshot_mismatch_type(py))?;
     m.add_function(wrap_pyfunction!(index_defaults, m)?)?;
     m.add_class::<PyTokenProcessor>()?;
     m.add_class::<PyIndexer>()?;
@@ -693,5 +776,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyApplyResult>()?;
     m.add_class::<PyPodState>()?;
     m.add_class::<PyIndexStats>()?;
+    m.add_class::<PySnapshotStream>()?;
     Ok(())
 }
