@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     serve.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    serve.add_argument(
+        "--warm-from", metavar="URL", help="a peer replica's base URL: load its GET /snapshot before subscribing"
+    )
+    serve.add_argument(
+        "--snapshot-file",
+        metavar="PATH",
+        help="load this snapshot at start (missing: cold start); write it on shutdown and every snapshot.interval",
+    )
     for name, (_, help_text) in _DELEGATED.items():
         delegated = sub.add_parser(name, help=help_text, add_help=False)
         delegated.add_argument("args", nargs=argparse.REMAINDER)
@@ -184,6 +192,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("tokenizers", "chat_templates", dict(args.chat_template) if args.chat_template else None)
     put("log", "level", args.log_level)
     put("log", "json", args.log_json)
+    put("snapshot", "warm_from", args.warm_from)
+    put("snapshot", "file", args.snapshot_file)
     return out
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "LogSettings",
     "PodConfig",
     "Settings",
+    "SnapshotSettings",
     "TokenizerSettings",
     "ZmqSettings",
     "deep_merge",
@@ -199,6 +200,37 @@ class TokenizerSettings(_Section):
         return sources
 
 
+class SnapshotSettings(_Section):
+    """Warm restart (``kvindex_service.snapshot``): load the index at start, save it on exit."""
+
+    file: str | None = Field(
+        default=None,
+        description="load this snapshot at start (missing: cold start) and write it atomically at "
+        "shutdown and every interval",
+    )
+    warm_from: str | None = Field(
+        default=None, description="a peer replica's base URL: load its GET /snapshot before subscribing"
+    )
+    interval: float = Field(
+        default=300.0, ge=0, description="seconds between periodic writes of file; 0 = at shutdown only"
+    )
+    warm_timeout: float = Field(default=120.0, gt=0, description="seconds allowed for fetching the peer's snapshot")
+
+    @field_validator("file", "warm_from", mode="before")
+    @classmethod
+    def _unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in _DISABLED:
+            return None
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("warm_from")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("warm_from must be an http:// or https:// base URL")
+        return value.rstrip("/") if value is not None else None
+
+
 class LogSettings(_Section):
     level: str = "INFO"
     json_: bool = Field(default=False, alias="json", description="one JSON object per line")
@@ -227,6 +259,7 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=lambda: IndexSettings())
     tokenizers: TokenizerSettings = Field(default_factory=lambda: TokenizerSettings())
     log: LogSettings = Field(default_factory=lambda: LogSettings())
+    snapshot: SnapshotSettings = Field(default_factory=lambda: SnapshotSettings())
 
 
 def deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,13 @@ Start order: index -> tokenizer pool (configured tokenizers load on a background
 HTTP comes up at once; ``ready()`` stays False until they are loaded) -> subscriber.
 Stop order: subscriber (no new batches) -> flush what is queued -> close the index -> close
 the tokenizer pool.
+
+Warm restart (``snapshot.warm_from`` / ``snapshot.file``, see ``kvindex_service.snapshot``): the
+subscriber starts only after the snapshot is loaded, on a background thread, so HTTP is up and
+``/readyz`` answers 503 "loading snapshot" meanwhile; each pod's stream then resumes from the
+restored sequence number. At stop the snapshot file is written after the final flush.
+Readiness is a registry of conditions (``add_readiness_condition``) on top of the built-in
+checks.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from kvindex_service._native import Indexer
 from kvindex_service.config import LLAMA32_MODELS, Settings
 from kvindex_service.metrics import RuntimeCollector, ServiceMetrics, Sources
 from kvindex_service.scoring import ScoringService
+from kvindex_service.snapshot import SnapshotSaver, check_file, load_at_start
 
 if TYPE_CHECKING:
     from kvindex_service.events import Subscriber
@@ -64,6 +72,12 @@ class Runtime:
         self._stopped = False
         self._preload: threading.Thread | None = None
         self._preload_error: str | None = None
+        self._conditions: dict[str, Callable[[], str | None]] = {}
+        self.snapshot_state = "off"
+        """off (not configured), loading, loaded, cold (nothing loaded) or refused."""
+        self._snapshot_error: str | None = None
+        self._warm_thread: threading.Thread | None = None
+        self._saver: SnapshotSaver | None = None
         self.metrics.registry.register(
             RuntimeCollector(
                 Sources(
@@ -150,7 +164,7 @@ class Runtime:
             reconnect_ivl=z.reconnect_ivl,
             reconnect_ivl_max=z.reconnect_ivl_max,
         )
-        self.subscriber.start()
+        self._start_ingest()
         self.scoring = ScoringService(self.indexer, self.tokenizers, metrics=self.metrics)
         logger.info(
             "runtime started",
@@ -162,6 +176,58 @@ class Runtime:
                 "tokenizer_models": len(self.tokenizers.models()),
             },
         )
+
+    def _start_ingest(self) -> None:
+        """Start the subscriber now, or (a snapshot configured) after loading it, on a thread."""
+        snap, ix = self.settings.snapshot, self.indexer
+        assert ix is not None and self.subscriber is not None
+        if snap.warm_from is None and snap.file is None:
+            self.subscriber.start()
+            return
+        if snap.file is not None:
+            check_file(ix, snap.file)  # another block size / algorithm / seed: the start fails
+        self.snapshot_state = "loading"
+        self.add_readiness_condition("snapshot", self._snapshot_reason)
+        self._warm_thread = threading.Thread(target=self._warm, name="kvindex-warm", daemon=True)
+        self._warm_thread.start()
+
+    def _warm(self) -> None:
+        ix, sub, snap = self.indexer, self.subscriber, self.settings.snapshot
+        assert ix is not None and sub is not None
+        token = self.settings.http.auth_token
+        try:
+            loaded = load_at_start(ix, snap, token.get_secret_value() if token is not None else None)
+        except Exception as exc:  # SnapshotMismatchError: this replica is misconfigured
+            return self._warm_failed(f"snapshot refused: {exc}")
+        if loaded is not None:
+            sub.resume({p.pod: p.last_seq for p in ix.pod_states() if p.last_seq is not None})
+        try:
+            sub.start()
+        except Exception as exc:
+            return self._warm_failed(f"cannot start the event subscriber: {exc}")
+        if snap.file is not None:
+            self._saver = SnapshotSaver(ix, snap.file, snap.interval)
+            self._saver.start()
+        self.snapshot_state = "cold" if loaded is None else "loaded"
+
+    def _warm_failed(self, message: str) -> None:
+        self.snapshot_state = "refused"
+        self._snapshot_error = message
+        if self._stopped:
+            return
+        logger.error(message)
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+    def _snapshot_reason(self) -> str | None:
+        if self.snapshot_state == "loading":
+            return "loading snapshot"
+        return self._snapshot_error
+
+    def add_readiness_condition(self, name: str, check: Callable[[], str | None]) -> None:
+        """Readiness hook: ``check()`` returns None when satisfied, else the reason ``/readyz``
+        reports (under ``reasons``) while answering 503."""
+        self._conditions[name] = check
 
     def _missing_defaults(self, sources: dict[str, str]) -> dict[str, str]:
         """Llama 3.2 model names left without the bundled tokenizer (package not installed):
@@ -201,6 +267,10 @@ class Runtime:
             logger.info("runtime stopped")
 
     def _teardown(self, timeout: float) -> None:
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout)
+        if self._saver is not None:
+            self._saver.stop(timeout)
         if self.subscriber is not None:
             try:
                 self.subscriber.stop(timeout=timeout)
@@ -210,6 +280,8 @@ class Runtime:
             try:
                 if not self.indexer.flush(timeout):
                     logger.warning("index flush timed out", extra={"timeout": timeout})
+                if self._saver is not None:
+                    self._saver.save("shutdown")
                 self.indexer.close()
             except Exception:
                 logger.exception("index close failed")
@@ -242,6 +314,11 @@ class Runtime:
         if self._preload_error:
             checks["tokenizers_error"] = self._preload_error
         checks["ready"] = checks["started"] and checks["subscriber"] and checks["tokenizers"]
+        reasons = [r for r in (check() for check in list(self._conditions.values())) if r]
+        if reasons:
+            checks["reasons"] = reasons
+            checks["ready"] = False
+        checks["snapshot"] = self.snapshot_state
         return checks
 
     def ready(self) -> bool:

@@ -83,8 +83,10 @@ impl Indexer {
         cfg.validate()?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let nshards = cfg.effective_shards(cores);
-        let index =
-            BlockIndex::new(cfg.max_keys, cfg.max_pods_per_key, (cores * 32).max(64), cfg.algorithm.chains_on_digest());
+        // at most ~8K keys per index shard: a snapshot holds one shard's lock at a time for
+        // about a millisecond (BlockIndex keeps at least 4096 keys per shard)
+        let want = (cores * 32).max(64).max(cfg.max_keys / 8192);
+        let index = BlockIndex::new(cfg.max_keys, cfg.max_pods_per_key, want, cfg.algorithm.chains_on_digest());
         let memo = match cfg.algorithm {
             Algorithm::Xxh3 => None, // hashing is already as cheap as a memo lookup
             _ => KeyMemo::new(cfg.key_memo_blocks),

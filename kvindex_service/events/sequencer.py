@@ -134,6 +134,9 @@ class Sequencer:
         self.tracks: dict[str, PodTrack] = {}
         self.totals = dict.fromkeys(SEQ_COUNTERS, 0)
         self._jobs: dict[str, ReplayJob] = {}
+        self.resume: dict[str, int] = {}
+        """Last seq per pod restored from a snapshot: a new track starts from it, so the next
+        batch after a gap is replayed from there (and one not moving forward is a reset)."""
 
     # -- pods --------------------------------------------------------------------------------
 
@@ -144,6 +147,7 @@ class Sequencer:
         track = self.tracks.get(pod)
         if track is None:
             track = PodTrack(pod=pod, mode=mode, endpoint=endpoint, replay_endpoint=replay_endpoint)
+            track.last_seq = self.resume.pop(pod, None)
             self.tracks[pod] = track
         return track
 

@@ -265,6 +265,13 @@ class Subscriber(Loop):
         self._stats["pods_removed"] += 1
         return True
 
+    def resume(self, last_seqs: dict[str, int]) -> None:
+        """Before ``start``: each pod's stream continues after its seq restored from a snapshot."""
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError("resume() must be called before start()")
+            self._seq.resume.update(last_seqs)
+
     def endpoints(self) -> list[PodEndpoint]:
         with self._lock:
             return list(self._specs.values())

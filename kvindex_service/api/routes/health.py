@@ -24,6 +24,8 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "not ready yet (or shutting down)"}},
 )
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """200 once the subscriber runs and every configured tokenizer is loaded; 503 before."""
+    """200 once the subscriber runs and every configured tokenizer is loaded; 503 before.
+    While a snapshot loads (``--warm-from`` / ``--snapshot-file``) ``reasons`` says
+    "loading snapshot"; other readiness conditions add their own reason."""
     checks = runtime.readiness()
     return JSONResponse(checks, status_code=200 if checks["ready"] else 503)
