@@ -65,6 +65,17 @@ class ServiceMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # Estimated prefix hit rate: matched / prompt blocks, summed over every score.
+        self.score_prompt_blocks = Counter(
+            "kvindex_score_prompt_blocks",
+            "Full KV blocks of the prompts scored",
+            registry=self.registry,
+        )
+        self.score_matched_blocks = Counter(
+            "kvindex_score_matched_blocks",
+            "Leading blocks the best pod held, summed over the prompts scored",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""
@@ -102,6 +113,30 @@ _NAMED_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "blocks_removed": ("blocks", "Blocks stored/removed by events", {"op": "removed"}),
     "hash_matches": ("engine_hashes", "Stored blocks whose engine hash equalled kvindex's key", {"match": "true"}),
     "hash_mismatches": ("engine_hashes", "Stored blocks whose engine hash equalled kvindex's key", {"match": "false"}),
+}
+# kvindex_index_<name> -> (help, IndexStats attribute)
+_INDEX_GAUGES = {
+    "keys": ("Block keys in the index", "keys"),
+    "entries": ("(key, pod, tier) entries in the index", "entries"),
+    "memory_bytes": ("Approximate bytes used by the index", "bytes_used"),
+    "pods": ("Pods known to the index", "pods"),
+    "models": ("Models known to the index", "models"),
+    "max_keys": ("Configured key capacity", "max_keys"),
+}
+# PodState attribute -> help; exported as kvindex_pod_<attr>_total{pod}.
+_POD_NATIVE_COUNTERS = {
+    "batches_applied": "Batches applied per pod",
+    "events_applied": "Events applied per pod",
+    "decode_errors": "Undecodable batches and events per pod",
+    "unknown_parents": "Stored blocks whose parent the index did not know, per pod",
+    "hash_mismatches": "Stored blocks whose engine hash differed from kvindex's key",
+}
+# Subscriber record key -> help; exported as kvindex_pod_<key>_total{pod}.
+_POD_WIRE_COUNTERS = {
+    "messages_received": "KV-event messages received per pod",
+    "gaps": "Sequence gaps seen per pod",
+    "replays": "Replays requested per pod",
+    "unrecoverable_gaps": "Gaps the replay socket could not fill, per pod",
 }
 _SUBSCRIBER_GAUGES = {"replays_in_progress", "pods", "endpoints", "connected_pods", "running"}
 _TOKENIZER_GAUGES = {
@@ -148,7 +183,15 @@ class RuntimeCollector(Collector):
     # -- index ----------------------------------------------------------------------------
     def _index_metrics(self) -> Iterator[Metric]:
         indexer = self._sources.indexer()
-        if indexer is None:
+        if indexer is None:  # not started: the fixed families exist, without samples
+            yield CounterMetricFamily(
+                "kvindex_events_processed", "Events by type and outcome", labels=("type", "outcome")
+            )
+            for fam_name, doc, labels in {v[0]: v for v in _NAMED_COUNTERS.values()}.values():
+                yield CounterMetricFamily(f"kvindex_events_{fam_name}", doc, labels=tuple(labels))
+            for name, (doc, _attr) in _INDEX_GAUGES.items():
+                yield GaugeMetricFamily(f"kvindex_index_{name}", doc)
+            yield CounterMetricFamily("kvindex_index_evictions", "LRU evictions", labels=("kind",))
             return
         counters: Mapping[str, int] = indexer.counters()
         events = CounterMetricFamily(
@@ -174,43 +217,49 @@ class RuntimeCollector(Collector):
         yield from generic
 
         stats = indexer.stats()
-        yield GaugeMetricFamily("kvindex_index_keys", "Block keys in the index", value=stats.keys)
-        yield GaugeMetricFamily("kvindex_index_entries", "(key, pod, tier) entries in the index", value=stats.entries)
-        yield GaugeMetricFamily(
-            "kvindex_index_memory_bytes", "Approximate bytes used by the index", value=stats.bytes_used
-        )
-        yield GaugeMetricFamily("kvindex_index_pods", "Pods known to the index", value=stats.pods)
-        yield GaugeMetricFamily("kvindex_index_models", "Models known to the index", value=stats.models)
-        yield GaugeMetricFamily("kvindex_index_max_keys", "Configured key capacity", value=stats.max_keys)
+        for name, (doc, attr) in _INDEX_GAUGES.items():
+            yield GaugeMetricFamily(f"kvindex_index_{name}", doc, value=getattr(stats, attr))
         evictions = CounterMetricFamily("kvindex_index_evictions", "LRU evictions", labels=("kind",))
         evictions.add_metric(["key"], stats.key_evictions)
         evictions.add_metric(["entry"], stats.entry_evictions)
         yield evictions
 
     def _pod_metrics(self) -> Iterator[Metric]:
+        """Per-pod families, always yielded (empty before the first pod). One series per pod
+        the index or the subscriber knows, which admission bounds to ``zmq.max_pods``."""
+        fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "blocks": GaugeMetricFamily("kvindex_pod_blocks", "Blocks held per pod and tier", labels=("pod", "tier")),
+            "last_ts": GaugeMetricFamily(
+                "kvindex_pod_last_event_timestamp_seconds",
+                "vLLM timestamp of the last applied batch",
+                labels=("pod",),
+            ),
+        }
+        for attr, doc in _POD_NATIVE_COUNTERS.items():
+            fams[attr] = CounterMetricFamily(f"kvindex_pod_{attr}", doc, labels=("pod",))
+        for key, doc in _POD_WIRE_COUNTERS.items():
+            fams[key] = CounterMetricFamily(f"kvindex_pod_{key}", doc, labels=("pod",))
+        subscribed = GaugeMetricFamily(
+            "kvindex_pod_subscribed", "1 while the subscriber is subscribed to the pod's stream", labels=("pod",)
+        )
         indexer = self._sources.indexer()
-        if indexer is None:
-            return
-        blocks = GaugeMetricFamily("kvindex_pod_blocks", "Blocks held per pod and tier", labels=("pod", "tier"))
-        batches = CounterMetricFamily("kvindex_pod_batches_applied", "Batches applied per pod", labels=("pod",))
-        mismatches = CounterMetricFamily(
-            "kvindex_pod_hash_mismatches",
-            "Stored blocks whose engine hash differed from kvindex's key",
-            labels=("pod",),
-        )
-        last_ts = GaugeMetricFamily(
-            "kvindex_pod_last_event_timestamp_seconds",
-            "vLLM timestamp of the last applied batch",
-            labels=("pod",),
-        )
-        for state in indexer.pod_states():
+        for state in indexer.pod_states() if indexer is not None else ():
             for tier, count in sorted(state.blocks_by_tier.items()):
-                blocks.add_metric([state.pod, tier], count)
-            batches.add_metric([state.pod], state.batches_applied)
-            mismatches.add_metric([state.pod], state.hash_mismatches)
+                fams["blocks"].add_metric([state.pod, tier], count)
+            for attr in _POD_NATIVE_COUNTERS:
+                fams[attr].add_metric([state.pod], getattr(state, attr))
             if state.last_event_ts is not None:
-                last_ts.add_metric([state.pod], state.last_event_ts)
-        yield from (blocks, batches, mismatches, last_ts)
+                fams["last_ts"].add_metric([state.pod], state.last_event_ts)
+        subscriber = self._sources.subscriber()
+        for record in subscriber.pod_states() if subscriber is not None else ():
+            pod = record.get("pod")
+            if not pod:  # a configured endpoint that has not named its pod yet
+                continue
+            for key in _POD_WIRE_COUNTERS:
+                fams[key].add_metric([str(pod)], float(record.get(key) or 0))
+            subscribed.add_metric([str(pod)], 1.0 if record.get("subscribed") else 0.0)
+        yield from fams.values()
+        yield subscribed
 
     # -- subscriber -----------------------------------------------------------------------
     def _subscriber_metrics(self) -> Iterator[Metric]:
@@ -225,11 +274,15 @@ class RuntimeCollector(Collector):
         for reason in REJECT_REASONS:
             rejected.add_metric([reason], counts.get(reason, 0))
         yield rejected
-        if subscriber is None:
-            return
-        for key, value in sorted(subscriber.stats().items()):
+        if subscriber is not None:
+            stats: Mapping[str, Any] = subscriber.stats()
+        else:  # no subscriber (yet): the families exist, without samples
+            from kvindex_service.events.subscriber import _STAT_KEYS
+
+            stats = dict.fromkeys((*_STAT_KEYS, "replays_in_progress", "pods"))
+        for key, value in sorted(stats.items()):
             num = _num(value)
-            if num is None or key.startswith("rejected_"):
+            if key.startswith("rejected_") or (num is None and subscriber is not None):
                 continue
             name = _metric_name(key)
             if name in _SUBSCRIBER_GAUGES:

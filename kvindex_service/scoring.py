@@ -171,6 +171,7 @@ class ScoringService:
         self.tokenizers = tokenizers
         self._score_hist = None if metrics is None else metrics.score_seconds
         self._tok_hist = None if metrics is None else metrics.tokenize_seconds
+        self._metrics = metrics
 
     @property
     def block_size(self) -> int:
@@ -220,6 +221,9 @@ class ScoringService:
         result = self.indexer.score(model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pods)
         if self._score_hist is not None:
             self._score_hist.labels(input_kind).observe(time.perf_counter() - t0)
+        if self._metrics is not None:  # the estimated prefix hit rate's two halves
+            self._metrics.score_prompt_blocks.inc(result.total_blocks)
+            self._metrics.score_matched_blocks.inc(max((s.matched_blocks for s in result.scores), default=0))
         return result
 
     async def evaluate(self, req: ScoreRequest) -> Scored:

@@ -42,6 +42,17 @@ class _Collector(Collector):
         for reason, n in sorted(dict(p.decisions).items()):
             decisions.add_metric([reason], n)
         yield decisions
+        picks = CounterMetricFamily(
+            "kvindex_extproc_picks",
+            'Requests routed, by endpoint chosen ("other" past 1024 endpoints)',
+            labels=["endpoint"],
+        )
+        chosen = dict(p.picks)
+        for ep in p.config.endpoints:
+            chosen.setdefault(ep, 0)
+        for ep, n in sorted(chosen.items()):
+            picks.add_metric([ep], n)
+        yield picks
         scorer = CounterMetricFamily(
             "kvindex_extproc_scorer_requests",
             "Scorer calls by outcome (ok, error, timeout, unauthorized, rejected, breaker_open, no_scorer, unscored)",

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 REASONS = ("kv", "load", "affinity", "round_robin", "only")
 _EPS = 1e-9
 _MAX_SESSION_KEY = 256
+#: Distinct endpoints the per-endpoint picks metric keeps (subset hints may name new pods forever).
+_MAX_PICK_SERIES = 1024
 
 
 class Lease:
@@ -130,6 +132,8 @@ class Picker:
         self.on_scorer_latency: Callable[[float], None] | None = None
         #: Monotonic counters, read by the metrics collector at scrape time.
         self.decisions: Counter[str] = Counter()
+        #: Picks per endpoint; endpoints past ``_MAX_PICK_SERIES`` distinct ones count as "other".
+        self.picks: Counter[str] = Counter()
         self.scorer_outcomes: Counter[str] = Counter()
         self.rejections: Counter[int] = Counter()
         self.fail_open = 0
@@ -253,6 +257,7 @@ class Picker:
         if session is not None:
             self._remember(session, chosen)
         self.decisions[reason] += 1
+        self.picks[chosen if chosen in self.picks or len(self.picks) < _MAX_PICK_SERIES else "other"] += 1
         return Decision(
             endpoint=chosen,
             reason=reason,
