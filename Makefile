@@ -6,11 +6,11 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.deps-stamp
 RUST_SRC := $(wildcard rust/*.rs) Cargo.toml
 
-.PHONY: help run test test-rust test-py build bench bench-rust bench-py demo lint stubtest fuzz clean
+.PHONY: help run test test-rust test-py test-k8s build bench bench-rust bench-py demo lint stubtest fuzz clean
 
 ## help: list the targets
 help:
-	@grep -E '^## [a-z-]+:' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z-]+): /\1\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^## [a-z0-9-]+:' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z0-9-]+): /\1\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ test-rust:
 ## test-py: pytest (includes the schemathesis contract test)
 test-py: build
 	$(PY) -m pytest -q tests
+
+## test-k8s: pod discovery against a real etcd + kube-apiserver (built once into ~/.cache/kvindex)
+test-k8s: build
+	@command -v etcd >/dev/null || { echo "test-k8s needs etcd: apt-get install -y etcd-server" >&2; exit 2; }
+	apiserver=$$(tools/k8s/build-kube-apiserver.sh) && \
+	KVINDEX_REQUIRE_K8S=1 KVINDEX_KUBE_APISERVER=$$apiserver $(PY) -m pytest -q tests/k8s -p no:cacheprovider
 
 ## stubtest: check the native module's type stub against the built extension
 stubtest: build

@@ -152,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     serve.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     serve.add_argument(
+        "--discover",
+        action="store_true",
+        default=None,
+        help="Kubernetes pod discovery: subscribe to the Ready pods --discovery-selector finds",
+    )
+    serve.add_argument("--discovery-selector", metavar="SELECTOR", help="pod label selector, e.g. app=vllm")
+    serve.add_argument(
+        "--discovery-namespace", metavar="NS", help="namespace to watch (default: the pod's own or the context's)"
+    )
+    serve.add_argument(
         "--warm-from", metavar="URL", help="a peer replica's base URL: load its GET /snapshot before subscribing"
     )
     serve.add_argument(
@@ -192,6 +202,9 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("tokenizers", "chat_templates", dict(args.chat_template) if args.chat_template else None)
     put("log", "level", args.log_level)
     put("log", "json", args.log_json)
+    put("discovery", "enabled", args.discover)
+    put("discovery", "label_selector", args.discovery_selector)
+    put("discovery", "namespace", args.discovery_namespace)
     put("snapshot", "warm_from", args.warm_from)
     put("snapshot", "file", args.snapshot_file)
     return out

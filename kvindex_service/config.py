@@ -29,6 +29,7 @@ from kvindex_service._native import index_defaults
 
 __all__ = [
     "LLAMA32_MODELS",
+    "DiscoverySettings",
     "HttpSettings",
     "IndexSettings",
     "LogSettings",
@@ -244,6 +245,41 @@ class LogSettings(_Section):
         return level
 
 
+class DiscoverySettings(_Section):
+    """Kubernetes pod discovery (``kvindex serve --discover``): connect to every Ready pod the
+    label selector finds."""
+
+    enabled: bool = Field(default=False, description="watch pods and subscribe to the Ready ones")
+    namespace: str | None = Field(
+        default=None, description="default: the pod's own namespace in a cluster, else the kubeconfig context's"
+    )
+    label_selector: str | None = Field(default=None, description="e.g. app=vllm; required when enabled")
+    kubeconfig: str | None = Field(
+        default=None, description="kubeconfig file; default: in-cluster service account, else $KUBECONFIG"
+    )
+    zmq_port: int = Field(default=5557, ge=1, le=65535, description="vLLM's PUB port (rank N: zmq_port + N)")
+    replay_port: int | None = Field(
+        default=None, ge=1, le=65535, description="vLLM's replay ROUTER port (rank N: + N); null = none"
+    )
+    pod_port: int = Field(default=8000, ge=1, le=65535, description="pod id = podIP:pod_port (rank N: + N)")
+    dp_size: int = Field(default=1, ge=1, le=256, description="data-parallel ranks per pod")
+    unready_grace: float = Field(
+        default=30.0, ge=0, description="seconds a subscribed pod may stay unready before it is dropped"
+    )
+    watch_timeout: int = Field(default=300, ge=1, description="seconds per watch request before it is renewed")
+
+    @field_validator("label_selector", "namespace", "kubeconfig", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _selector_required(self) -> DiscoverySettings:
+        if self.enabled and self.label_selector is None:
+            raise ValueError("discovery.label_selector is required when discovery is enabled")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole service configuration. Build it with :func:`load_settings`."""
 
@@ -259,6 +295,7 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=lambda: IndexSettings())
     tokenizers: TokenizerSettings = Field(default_factory=lambda: TokenizerSettings())
     log: LogSettings = Field(default_factory=lambda: LogSettings())
+    discovery: DiscoverySettings = Field(default_factory=lambda: DiscoverySettings())
     snapshot: SnapshotSettings = Field(default_factory=lambda: SnapshotSettings())
 
 

@@ -31,6 +31,7 @@ from kvindex_service.scoring import ScoringService
 from kvindex_service.snapshot import SnapshotSaver, check_file, load_at_start
 
 if TYPE_CHECKING:
+    from kvindex_service.discovery import Discovery
     from kvindex_service.events import Subscriber
     from kvindex_service.tokenization import TokenizerPool
 
@@ -65,6 +66,7 @@ class Runtime:
         self.metrics = metrics if metrics is not None else ServiceMetrics()
         self.indexer: Indexer | None = None
         self.subscriber: Subscriber | None = None
+        self.discovery: Discovery | None = None
         self.tokenizers: TokenizerPool | None = None
         self.scoring: ScoringService | None = None
         self._lock = threading.Lock()
@@ -87,6 +89,10 @@ class Runtime:
                 )
             )
         )
+        if self.settings.discovery.enabled:
+            from kvindex_service.discovery.metrics import DiscoveryCollector
+
+            self.metrics.registry.register(DiscoveryCollector(lambda: self.discovery))
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +116,12 @@ class Runtime:
         from kvindex_service.tokenization.limits import Limits
 
         s = self.settings
+        kube: tuple[Any, str] | None = None
+        if s.discovery.enabled:
+            # First, so that a missing kubeconfig fails the start before anything else runs.
+            from kvindex_service.discovery.kube import load_api
+
+            kube = load_api(s.discovery.kubeconfig, s.discovery.namespace)
         ix = s.index
         self.indexer = Indexer(
             block_size=ix.block_size,
@@ -165,6 +177,11 @@ class Runtime:
             reconnect_ivl_max=z.reconnect_ivl_max,
         )
         self._start_ingest()
+        if kube is not None:
+            from kvindex_service.discovery import Discovery
+
+            self.discovery = Discovery(s.discovery, self.subscriber, api=kube[0], namespace=kube[1])
+            self.discovery.start()
         self.scoring = ScoringService(self.indexer, self.tokenizers, metrics=self.metrics)
         logger.info(
             "runtime started",
@@ -271,6 +288,11 @@ class Runtime:
             self._warm_thread.join(timeout)
         if self._saver is not None:
             self._saver.stop(timeout)
+        if self.discovery is not None:
+            try:
+                self.discovery.stop(timeout=timeout)
+            except Exception:
+                logger.exception("discovery stop failed")
         if self.subscriber is not None:
             try:
                 self.subscriber.stop(timeout=timeout)
@@ -314,6 +336,10 @@ class Runtime:
         if self._preload_error:
             checks["tokenizers_error"] = self._preload_error
         checks["ready"] = checks["started"] and checks["subscriber"] and checks["tokenizers"]
+        if self.settings.discovery.enabled:
+            # Ready once the first pod list is applied (every Ready pod then is subscribed).
+            checks["discovery"] = bool(self.discovery is not None and self.discovery.synced)
+            checks["ready"] = checks["ready"] and checks["discovery"]
         reasons = [r for r in (check() for check in list(self._conditions.values())) if r]
         if reasons:
             checks["reasons"] = reasons

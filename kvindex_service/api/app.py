@@ -25,7 +25,7 @@ from kvindex_service._native import __version__
 from kvindex_service.api.errors import install_exception_handlers
 from kvindex_service.api.middleware import OPEN_PATHS, ServiceMiddleware
 from kvindex_service.api.responses import DESCRIPTIONS, ErrorResponse
-from kvindex_service.api.routes import compat, health, metrics, pods, score, snapshot
+from kvindex_service.api.routes import compat, discovery, health, metrics, pods, score, snapshot
 from kvindex_service.config import Settings
 from kvindex_service.runtime import Runtime
 
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.state.runtime = rt
     _install_docs(app)
     install_exception_handlers(app)
-    for module in (score, pods, health, metrics, compat, snapshot):
+    for module in (score, pods, discovery, health, metrics, compat, snapshot):
         app.include_router(module.router)
     http = rt.settings.http
     token = http.auth_token.get_secret_value() if http.auth_token is not None else None
