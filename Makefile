@@ -82,6 +82,11 @@ demo: build
 	mkdir -p benches/out
 	$(VENV)/bin/kvindex simulate --workload shared-prefix --pods 3 --duration 60 --seed 7 --plot benches/out/demo.png
 
+## fleet: serve, extproc and two fake vLLM pods on loopback (docs/fleet.md); Ctrl-C stops all
+.PHONY: fleet
+fleet: build
+	$(PY) -m kvindex_service.fakepod.fleet $(FLEET_ARGS)
+
 ## fuzz: coverage-guided fuzzing (atheris) of the event decoder and HTTP bodies, FUZZ_SECONDS (60) each
 fuzz: build
 	$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q atheris

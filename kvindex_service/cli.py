@@ -3,6 +3,7 @@
 * ``kvindex serve``    the scoring service (HTTP + ZMQ event subscriber);
 * ``kvindex extproc``  the Envoy endpoint picker (``kvindex_service.extproc.cli``);
 * ``kvindex simulate`` the fleet simulator (``kvindex_service.sim.cli``).
+* ``kvindex fake-pod`` a fake vLLM pod (``kvindex_service.fakepod.cli``).
 
 Sub-commands owned by other packages are imported only when chosen, so ``kvindex serve``
 never pays for gRPC or the simulator, and a missing optional package is a clear message.
@@ -40,6 +41,7 @@ logger = logging.getLogger("kvindex_service.cli")
 _DELEGATED = {
     "extproc": ("kvindex_service.extproc.cli", "the Envoy ext_proc endpoint picker"),
     "simulate": ("kvindex_service.sim.cli", "the vLLM fleet simulator"),
+    "fake-pod": ("kvindex_service.fakepod.cli", "a fake vLLM pod publishing real KV events (local fleets, tests)"),
 }
 
 

@@ -14,7 +14,7 @@ import logging
 import struct
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +184,12 @@ class EventPublisher:
     The data socket is an XPUB: identical to a PUB on the wire, but it sees subscriptions,
     which lets the simulator wait for kvindex to be connected instead of losing the first
     batches to ZMQ's slow-joiner effect. The optional replay ROUTER answers
-    ``[b"", start_seq]`` with the buffered batches in vLLM >= 0.26's reply format.
+    ``[b"", start_seq]`` with the buffered batches in vLLM >= 0.26's reply format
+    (``replay_topic=False``: the 3-frame format of vLLM <= 0.25).
+
+    ``connect=True`` connects the socket to ``endpoint`` instead of binding it (vLLM connects
+    when its endpoint has no ``*``); ``encoder`` turns each event dict into the wire shape of
+    another vLLM version (default: the map encoding of vLLM >= 0.24).
     """
 
     def __init__(
@@ -197,6 +202,9 @@ class EventPublisher:
         replay_endpoint: str | None = None,
         buffer_steps: int = 10_000,
         epoch: float = 1_700_000_000.0,
+        connect: bool = False,
+        replay_topic: bool = True,
+        encoder: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.pod_id = pod_id
         self.model = model
@@ -206,8 +214,14 @@ class EventPublisher:
         self._sock = ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.bind(endpoint)
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._encoder = encoder
+        self._replay_topic = replay_topic
+        if connect:
+            self._sock.connect(endpoint)
+            self.endpoint: str = endpoint
+        else:
+            self._sock.bind(endpoint)
+            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._subscribed = False
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._lock = threading.Lock()
@@ -242,7 +256,8 @@ class EventPublisher:
         """Send one batch stamped ``epoch + sim_time``; returns its sequence number."""
         seq = self.next_seq
         self.next_seq += 1
-        payload = msgpack.packb([self.epoch + sim_time, events, 0])
+        wire = events if self._encoder is None else [self._encoder(e) for e in events]
+        payload = msgpack.packb([self.epoch + sim_time, wire, 0])
         seq_b = struct.pack(">Q", seq)
         if self._replay_sock is not None:
             with self._lock:
@@ -265,9 +280,11 @@ class EventPublisher:
             ident, start = frames[0], struct.unpack(">Q", frames[2])[0]
             with self._lock:
                 batches = [(s, p) for s, p in self._buffer if s >= start]
+            head = [ident, b"", self.topic] if self._replay_topic else [ident, b""]
             for s, p in batches:
-                sock.send_multipart([ident, b"", self.topic, struct.pack(">Q", s), p])
-            sock.send_multipart([ident, b"", b"", _END_OF_REPLAY, b""])
+                sock.send_multipart([*head, struct.pack(">Q", s), p])
+            end_topic = [b""] if self._replay_topic else []
+            sock.send_multipart([ident, b"", *end_topic, _END_OF_REPLAY, b""])
 
     def close(self) -> None:
         self._stop.set()
