@@ -117,9 +117,7 @@ class ZmqSettings(_Section):
     allowed_publishers: list[str] = Field(
         default_factory=list, description="CIDRs that may publish pod ids that are not IP:port; empty = any"
     )
-    connect_allow: list[str] = Field(
-        default_factory=list, description="CIDRs POST /pods may connect to; empty = any"
-    )
+    connect_allow: list[str] = Field(default_factory=list, description="CIDRs POST /pods may connect to; empty = any")
 
     @field_validator("bind", "pod_idle_timeout", mode="before")
     @classmethod
