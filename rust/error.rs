@@ -1,6 +1,6 @@
 //! The core's one error type. Nothing that arrives from the network panics: every
 //! failure is a value of this enum, counted by the caller or mapped to an exception
-//! (in `python.rs`, one exhaustive match).
+//! (in `python/errors.rs`, one exhaustive match).
 
 use std::fmt;
 

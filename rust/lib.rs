@@ -2,7 +2,7 @@
 //! KV-event decoding and sharded per-pod application, and longest-prefix scoring.
 //!
 //! The core knows nothing of HTTP, ZMQ or Prometheus: it takes bytes, integers and
-//! strings in whole batches. `python.rs` (feature `python`) is the only binding.
+//! strings in whole batches. `python/` (feature `python`) is the only binding and the only module that knows pyo3.
 //!
 //! Layout: `config` (settings and their defaults), `indexer` (the facade and read path,
 //! with the lock order), `shards` (worker threads), `apply` (event application), `bridge`

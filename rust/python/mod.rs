@@ -1,4 +1,4 @@
-//! The Python face of the core (`kvindex_service._native`), the only file that knows pyo3.
+//! The Python face of the core (`kvindex_service._native`): the only module that knows pyo3.
 //! Each method extracts plain data, detaches from the interpreter for the O(n) work, and
 //! converts the result back.
 
@@ -8,15 +8,19 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
-use crate::config::{self, defaults, IndexerConfig};
-use crate::error::{Error, SnapshotKind};
+mod convert;
+mod errors;
+mod results;
+
+use convert::*;
+use errors::*;
+use results::*;
+
+use crate::config::{self, IndexerConfig};
 use crate::hashing::{Algorithm, Extras, TokenProcessor};
 use crate::indexer::Indexer;
-use crate::pods::PodState;
-use crate::scoring::{PodScore, ScoreResult};
 use crate::snapshot::SnapshotWriter;
 
 pyo3::create_exception!(
@@ -25,198 +29,6 @@ pyo3::create_exception!(
     PyException,
     "Base class of every error raised by the core."
 );
-
-static INVALID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-static CLOSED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-static THREAD_START: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-static SNAPSHOT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-static SNAPSHOT_MISMATCH: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-/// A subclass of both `KvIndexError` and a builtin, so callers catching the builtin work.
-fn subclass(py: Python<'_>, name: &str, builtin: &Bound<'_, PyType>, doc: &str) -> PyResult<Py<PyType>> {
-    derive(py, name, &[py.get_type::<KvIndexError>(), builtin.clone()], doc)
-}
-
-fn derive(py: Python<'_>, name: &str, bases: &[Bound<'_, PyType>], doc: &str) -> PyResult<Py<PyType>> {
-    let bases = PyTuple::new(py, bases)?;
-    let ns = PyDict::new(py);
-    ns.set_item("__doc__", doc)?;
-    ns.set_item("__module__", "kvindex_service._native")?;
-    let t = py.import("builtins")?.getattr("type")?.call1((name, bases, ns))?;
-    Ok(t.cast_into::<PyType>()?.unbind())
-}
-
-fn invalid_type(py: Python<'_>) -> &Bound<'_, PyType> {
-    INVALID
-        .get_or_init(py, || {
-            subclass(py, "InvalidInputError", &py.get_type::<pyo3::exceptions::PyValueError>(), "Bad argument.")
-                .expect("create InvalidInputError")
-        })
-        .bind(py)
-}
-
-fn closed_type(py: Python<'_>) -> &Bound<'_, PyType> {
-    CLOSED
-        .get_or_init(py, || {
-            subclass(py, "ClosedError", &py.get_type::<pyo3::exceptions::PyRuntimeError>(), "The indexer is closed.")
-                .expect("create ClosedError")
-        })
-        .bind(py)
-}
-
-fn thread_start_type(py: Python<'_>) -> &Bound<'_, PyType> {
-    THREAD_START
-        .get_or_init(py, || {
-            let doc = "The OS refused a worker thread.";
-            subclass(py, "ThreadStartError", &py.get_type::<pyo3::exceptions::PyRuntimeError>(), doc)
-                .expect("create ThreadStartError")
-        })
-        .bind(py)
-}
-
-fn snapshot_type(py: Python<'_>) -> &Bound<'_, PyType> {
-    SNAPSHOT
-        .get_or_init(py, || {
-            let doc = "A snapshot that cannot be loaded (corrupt, truncated, not a snapshot, or a used index).";
-            subclass(py, "SnapshotError", &py.get_type::<pyo3::exceptions::PyValueError>(), doc)
-                .expect("create SnapshotError")
-        })
-        .bind(py)
-}
-
-fn snapshot_mismatch_type(py: Python<'_>) -> &Bound<'_, PyType> {
-    SNAPSHOT_MISMATCH
-        .get_or_init(py, || {
-            let doc = "A snapshot written with another block size, hash algorithm or seed.";
-            derive(py, "SnapshotMismatchError", &[snapshot_type(py).clone()], doc)
-                .expect("create SnapshotMismatchError")
-        })
-        .bind(py)
-}
-
-/// The one mapping from core errors to Python exceptions.
-impl From<Error> for PyErr {
-    fn from(e: Error) -> PyErr {
-        Python::attach(|py| {
-            let class = match &e {
-                Error::InvalidInput { .. } | Error::TooManyPods { .. } | Error::TooManyTiers { .. } => invalid_type(py),
-                Error::Decode(_) => invalid_type(py),
-                Error::Spawn { .. } => thread_start_type(py),
-                Error::Closed => closed_type(py),
-                Error::Snapshot { kind: SnapshotKind::Mismatch, .. } => snapshot_mismatch_type(py),
-                Error::Snapshot { .. } => snapshot_type(py),
-            };
-            PyErr::from_type(class.clone(), e.to_string())
-        })
-    }
-}
-
-fn invalid(msg: String) -> PyErr {
-    Error::invalid(msg).into()
-}
-
-/// The common case, a list of exact ints, read straight from the list's item array
-/// (~10x faster than the generic sequence protocol). `None` sends the caller to the generic
-/// path, which also produces the precise error.
-fn list_fast_path<T>(obj: &Bound<'_, PyAny>, conv: impl Fn(i128) -> Option<T>) -> Option<Vec<T>> {
-    let list = obj.cast::<PyList>().ok()?;
-    // On free-threaded builds the list's critical section keeps other threads from mutating
-    // it (every list mutator takes it) while we read its item array; on GIL builds it is a
-    // no-op and the GIL, held throughout, does the same.
-    pyo3::sync::with_critical_section(list.as_any(), || {
-        let ptr = list.as_ptr();
-        // SAFETY: `ptr` is a live list (we hold a reference). No other thread can resize it or
-        // replace an item while we hold the GIL (GIL builds) or its critical section
-        // (free-threaded builds), and nothing below can release either: no Python code runs
-        // (only exact ints are read, so no `__index__`), and we never block or detach.
-        // So `n` stays the length and every item stays alive for the whole loop.
-        let n = unsafe { pyo3::ffi::PyList_GET_SIZE(ptr) };
-        let mut out = Vec::with_capacity(n.max(0) as usize);
-        for i in 0..n {
-            // SAFETY: `0 <= i < n` (see above); the item is borrowed from the list.
-            let item = unsafe { pyo3::ffi::PyList_GET_ITEM(ptr, i) };
-            if unsafe { pyo3::ffi::PyLong_CheckExact(item) } == 0 {
-                return None;
-            }
-            let mut overflow: std::os::raw::c_int = 0;
-            // SAFETY: `item` is an exact int; this reads its value and cannot fail otherwise.
-            let v = unsafe { pyo3::ffi::PyLong_AsLongLongAndOverflow(item, &mut overflow) };
-            if overflow != 0 {
-                return None;
-            }
-            out.push(conv(v as i128)?);
-        }
-        Some(out)
-    })
-}
-
-/// Ints from any Python sequence, each converted by `conv` (`range` names its bounds).
-/// The list fast path does the common case; the generic path names the offending element.
-fn extract_ints<T>(
-    obj: &Bound<'_, PyAny>,
-    what: &str,
-    range: &str,
-    reject_bools: bool,
-    conv: impl Fn(i128) -> Option<T> + Copy,
-) -> PyResult<Vec<T>> {
-    if let Some(v) = list_fast_path(obj, conv) {
-        return Ok(v);
-    }
-    let it = obj.try_iter().map_err(|_| invalid(format!("{what} must be a sequence of ints")))?;
-    let mut out = Vec::new();
-    for (i, item) in it.enumerate() {
-        let item = item?;
-        if reject_bools && item.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(invalid(format!("{what}[{i}] is a bool, not an int")));
-        }
-        let v: i128 = item.extract().map_err(|_| invalid(format!("{what}[{i}] is not an int")))?;
-        out.push(conv(v).ok_or_else(|| invalid(format!("{what}[{i}] = {v} is outside {range}")))?);
-    }
-    Ok(out)
-}
-
-/// Token ids, each in 0..2^32-1 (a bool is a caller bug, not token 1).
-fn extract_tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<PyBytes>() {
-        return Err(invalid("token_ids must be a sequence of ints, not a string".into()));
-    }
-    extract_ints(obj, "token_ids", "0..4294967295", true, |x| u32::try_from(x).ok())
-}
-
-fn extract_keys(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
-    extract_ints(obj, "keys", "0..2^64-1", false, |x| u64::try_from(x).ok())
-}
-
-fn non_negative(name: &str, v: i64) -> PyResult<usize> {
-    usize::try_from(v).map_err(|_| invalid(format!("{name} must be >= 0")))
-}
-
-// The literal defaults in the `TokenProcessor` and `Indexer` signatures below (literals, so
-// Python's `inspect.signature` shows them) must be the core's: checked at compile time.
-const _: () = assert!(
-    defaults::BLOCK_SIZE == 16
-        && matches!(defaults::ALGORITHM, Algorithm::Sha256Cbor)
-        && defaults::MAX_KEYS == 10_000_000
-        && defaults::MAX_PODS_PER_KEY == 64
-        && defaults::SHARDS == 0
-        && defaults::QUEUE_CAPACITY == 1024
-        && defaults::KEY_MEMO_BLOCKS == 262_144
-        && defaults::MAX_TIERS_PER_POD == 4,
-    "a signature default in python.rs differs from config::defaults"
-);
-
-/// One request's block keys: extract, detach, hash.
-fn block_keys_of(
-    py: Python<'_>,
-    tp: &TokenProcessor,
-    token_ids: &Bound<'_, PyAny>,
-    lora_name: Option<&str>,
-    cache_salt: Option<&str>,
-) -> PyResult<Vec<u64>> {
-    let toks = extract_tokens(token_ids)?;
-    let extras = Extras::for_request(lora_name, cache_salt);
-    Ok(py.detach(|| tp.block_keys(&toks, &extras)))
-}
 
 #[pyclass(name = "TokenProcessor", module = "kvindex_service._native", frozen)]
 struct PyTokenProcessor {
@@ -266,169 +78,9 @@ impl PyTokenProcessor {
     }
 }
 
-#[pyclass(name = "PodScore", module = "kvindex_service._native", frozen, get_all)]
-struct PyPodScore {
-    pod: String,
-    matched_blocks: u32,
-    matched_tokens: u64,
-    score: f64,
-    tier_blocks: HashMap<String, u32>,
-}
-
-#[pymethods]
-impl PyPodScore {
-    fn __repr__(&self) -> String {
-        format!(
-            "PodScore(pod={:?}, matched_blocks={}, matched_tokens={}, score={})",
-            self.pod, self.matched_blocks, self.matched_tokens, self.score
-        )
-    }
-}
-
-#[pyclass(name = "ScoreResult", module = "kvindex_service._native", frozen, get_all)]
-struct PyScoreResult {
-    scores: Vec<Py<PyPodScore>>,
-    total_blocks: usize,
-    total_tokens: usize,
-    keys_computed: usize,
-}
-
-#[pymethods]
-impl PyScoreResult {
-    fn best(&self, py: Python<'_>) -> Option<Py<PyPodScore>> {
-        self.scores.first().map(|s| s.clone_ref(py))
-    }
-    fn __repr__(&self) -> String {
-        format!(
-            "ScoreResult(pods={}, total_blocks={}, total_tokens={})",
-            self.scores.len(),
-            self.total_blocks,
-            self.total_tokens
-        )
-    }
-}
-
-#[pyclass(name = "ApplyResult", module = "kvindex_service._native", frozen, get_all)]
-struct PyApplyResult {
-    events: u64,
-    stored_blocks: u64,
-    removed_blocks: u64,
-    cleared: u64,
-    decode_errors: u64,
-    unknown_event_types: u64,
-    unknown_parents: u64,
-    dp_rank: Option<i64>,
-}
-
-#[pymethods]
-impl PyApplyResult {
-    fn __repr__(&self) -> String {
-        format!(
-            "ApplyResult(events={}, stored_blocks={}, removed_blocks={}, decode_errors={}, unknown_parents={})",
-            self.events, self.stored_blocks, self.removed_blocks, self.decode_errors, self.unknown_parents
-        )
-    }
-}
-
-#[pyclass(name = "PodState", module = "kvindex_service._native", frozen, get_all)]
-struct PyPodState {
-    pod: String,
-    models: Vec<String>,
-    blocks_by_tier: HashMap<String, i64>,
-    last_seq: Option<u64>,
-    last_event_ts: Option<f64>,
-    dp_rank: Option<i64>,
-    batches_applied: u64,
-    events_applied: u64,
-    decode_errors: u64,
-    unknown_event_types: u64,
-    unknown_parents: u64,
-    hash_matches: u64,
-    hash_mismatches: u64,
-    hashes_match: Option<bool>,
-    tiers_refused: u64,
-    bridge_entries: u64,
-}
-
-#[pymethods]
-impl PyPodState {
-    fn __repr__(&self) -> String {
-        format!("PodState(pod={:?}, blocks_by_tier={:?}, last_seq={:?})", self.pod, self.blocks_by_tier, self.last_seq)
-    }
-}
-
-impl From<PodState> for PyPodState {
-    fn from(s: PodState) -> Self {
-        PyPodState {
-            hashes_match: s.hashes_match(),
-            pod: s.pod.to_string(),
-            models: s.models.iter().map(|m| m.to_string()).collect(),
-            blocks_by_tier: s.blocks_by_tier.into_iter().collect(),
-            last_seq: s.last_seq,
-            last_event_ts: s.last_event_ts,
-            dp_rank: s.dp_rank,
-            batches_applied: s.batches_applied,
-            events_applied: s.events_applied,
-            decode_errors: s.decode_errors,
-            unknown_event_types: s.unknown_event_types,
-            unknown_parents: s.unknown_parents,
-            hash_matches: s.hash_matches,
-            hash_mismatches: s.hash_mismatches,
-            tiers_refused: s.tiers_refused,
-            bridge_entries: s.bridge_entries,
-        }
-    }
-}
-
-#[pyclass(name = "IndexStats", module = "kvindex_service._native", frozen, get_all)]
-struct PyIndexStats {
-    keys: u64,
-    entries: u64,
-    key_evictions: u64,
-    entry_evictions: u64,
-    bytes_used: u64,
-    pods: u64,
-    models: u64,
-    max_keys: u64,
-    max_pods_per_key: u64,
-}
-
-#[pymethods]
-impl PyIndexStats {
-    fn __repr__(&self) -> String {
-        format!(
-            "IndexStats(keys={}, entries={}, bytes_used={}, pods={})",
-            self.keys, self.entries, self.bytes_used, self.pods
-        )
-    }
-}
-
 #[pyclass(name = "Indexer", module = "kvindex_service._native", frozen)]
 struct PyIndexer {
     ix: Arc<Indexer>,
-}
-
-/// A core result as Python objects: conversion only (naming, zeros and order are the core's).
-fn score_result(py: Python<'_>, r: ScoreResult) -> PyResult<PyScoreResult> {
-    let scores = r.scores.into_iter().map(|s| Py::new(py, PyPodScore::from(s))).collect::<PyResult<Vec<_>>>()?;
-    Ok(PyScoreResult {
-        scores,
-        total_blocks: r.total_blocks,
-        total_tokens: r.total_tokens,
-        keys_computed: r.keys_computed,
-    })
-}
-
-impl From<PodScore> for PyPodScore {
-    fn from(s: PodScore) -> Self {
-        PyPodScore {
-            pod: s.pod.to_string(),
-            matched_blocks: s.matched_blocks,
-            matched_tokens: s.matched_tokens,
-            score: s.score,
-            tier_blocks: s.tier_blocks.into_iter().collect(),
-        }
-    }
 }
 
 fn weights_from(obj: Option<&Bound<'_, PyAny>>) -> PyResult<(Vec<(String, f64)>, f64)> {
