@@ -56,6 +56,8 @@ class FleetConfig:
     service: ServiceModel = field(default_factory=ServiceModel)
     picker_load_weight: float | None = None
     """The `kvindex` router's picker: cost of one extra in-flight request (None: its default)."""
+    approx_capacity: int | None = None
+    """The `approximate` router's LRU of chunk hashes per pod, in blocks (None: pod_capacity)."""
 
     def pod_ids(self) -> list[str]:
         """Names shaped like routable ``ip:port`` endpoints; nothing connects to them."""
@@ -168,6 +170,7 @@ def run_router(
             model=cfg.model,
             hash_seed=cfg.hash_seed,
             picker_load_weight=cfg.picker_load_weight,
+            approx_capacity=cfg.approx_capacity,
         )
         records = _serve(router, fleet, requests, cfg.service, on_request)
         stats = router.stats()

@@ -2,8 +2,9 @@
 
 Each router picks a pod index for a request given a view of the fleet at the request's
 arrival time. Baselines (random, round-robin, session-sticky, least-loaded) know nothing
-of caches; ``oracle`` reads every pod's true block pool; the kvindex routers only know what
-kvindex learnt from the pods' published events.
+of caches; the kvindex routers only know what kvindex learnt from the pods' published
+events; the bounds (``oracle``, ``oracle-greedy``) and the approximate baseline are in
+:mod:`.bounds`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ __all__ = [
     "FleetView",
     "KvindexDirectRouter",
     "LeastLoadedRouter",
-    "OracleRouter",
     "RandomRouter",
     "RoundRobinRouter",
     "Router",
@@ -120,20 +120,9 @@ def _best_prefix(router: Router, fleet: FleetView, matched: Sequence[int]) -> in
     return router._least_loaded(fleet, [i for i, m in enumerate(matched) if m == top])
 
 
-class OracleRouter(Router):
-    """Longest true cached prefix over the pods' real block pools; ties by load."""
-
-    name = "oracle"
-
-    def pick(self, req: Request, fleet: FleetView) -> int:
-        pods = fleet.pods
-        keys = pods[0].processor.block_keys(req.token_ids)
-        return _best_prefix(self, fleet, [p.pool.cached_prefix(keys) for p in pods])
-
-
 class KvindexDirectRouter(Router):
     """kvindex's scores from ``Indexer.score`` in process (no HTTP/gRPC hop); same policy as
-    the oracle (longest prefix, ties by load) so the two differ only by what they know."""
+    ``oracle-greedy`` (longest prefix, ties by load) so the two differ only by what they know."""
 
     name = "kvindex-direct"
     needs_events = True
@@ -180,6 +169,5 @@ BASELINE_ROUTERS: dict[str, Callable[[int], Router]] = {
     RoundRobinRouter.name: RoundRobinRouter,
     SessionStickyRouter.name: SessionStickyRouter,
     LeastLoadedRouter.name: LeastLoadedRouter,
-    OracleRouter.name: OracleRouter,
     KvindexDirectRouter.name: KvindexDirectRouter,
 }

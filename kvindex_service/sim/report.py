@@ -135,14 +135,15 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A fixed-width table, one row per router."""
     header = (
-        f"{'router':<16}{'hit rate':>9}{'sticky':>8}{'imb req':>8}{'imb pre':>8}"
+        f"{'router':<16}{'hit rate':>9}{'of bound':>9}{'sticky':>8}{'imb req':>8}{'imb pre':>8}"
         f"{'TTFT p50':>10}{'p90':>9}{'p99':>9}{'req/s':>7}{'idx acc':>9}"
     )
     lines = [header, "-" * len(header)]
     for name, m in results.items():
         acc = m.get("index_accuracy", {}).get("accuracy")
         lines.append(
-            f"{name:<16}{_fmt(m['hit_rate'], '8.1%'):>9}{_fmt(m['stickiness'], '7.1%'):>8}"
+            f"{name:<16}{_fmt(m['hit_rate'], '8.1%'):>9}{_fmt(m.get('hit_rate_of_bound'), '8.1%'):>9}"
+            f"{_fmt(m['stickiness'], '7.1%'):>8}"
             f"{_fmt(m['imbalance_requests'], '.2f'):>8}"
             f"{_fmt(m['imbalance_prefill_tokens'], '.2f'):>8}"
             f"{_fmt(m['ttft_p50_s'], '.0f', 1000) + 'ms':>10}"

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .bounds import ApproximateRouter, OracleGreedyRouter, OracleRouter
 from .policies import (
     BASELINE_ROUTERS,
     FleetView,
     KvindexDirectRouter,
     LeastLoadedRouter,
-    OracleRouter,
     RandomRouter,
     RoundRobinRouter,
     Router,
@@ -23,9 +23,11 @@ from .policies import (
 
 __all__ = [
     "BASELINE_ROUTERS",
+    "ApproximateRouter",
     "FleetView",
     "KvindexDirectRouter",
     "LeastLoadedRouter",
+    "OracleGreedyRouter",
     "OracleRouter",
     "RandomRouter",
     "RoundRobinRouter",
@@ -41,6 +43,9 @@ def _registry() -> dict[str, Callable[[int], Router]]:
 
     reg = dict(BASELINE_ROUTERS)
     reg["kvindex"] = KvindexPickerRouter
+    reg[OracleRouter.name] = OracleRouter
+    reg[OracleGreedyRouter.name] = OracleGreedyRouter
+    reg[ApproximateRouter.name] = ApproximateRouter
     return reg
 
 

@@ -75,13 +75,38 @@ def test_oracle_follows_the_longest_true_prefix_then_load() -> None:
             assert alloc is not None
             pod.pool.free(alloc)
     fleet = _Fleet(pods, [9, 9, 0])
+    greedy = make_router("oracle-greedy", 1)
+    assert greedy.pick(_req(0, prompt), fleet) == 1  # longest prefix beats any load
+    assert greedy.pick(_req(1, [5, 6, 7, 8, 9]), fleet) == 2  # no prefix anywhere: least loaded
+    # The picker's utility kv * prefix - load * extra_inflight (defaults 1.0, 0.1): pod 1 holds
+    # 3/4 of the prompt but runs 9 more requests than pod 2 (0.75 - 0.9 < 0), so pod 2 wins;
+    # with equal loads the longer prefix wins.
     oracle = make_router("oracle", 1)
-    assert oracle.pick(_req(0, prompt), fleet) == 1  # longest prefix beats load
-    assert oracle.pick(_req(1, [5, 6, 7, 8, 9]), fleet) == 2  # no prefix anywhere: least loaded
+    oracle.bind(fleet)
+    assert oracle.pick(_req(2, prompt), fleet) == 2
+    fleet.loads = [1, 1, 1]
+    assert oracle.pick(_req(3, prompt), fleet) == 1
+    assert oracle.stats()["picker"]["decisions"] == {"load": 1, "kv": 1}
+
+
+def test_approximate_remembers_what_it_sent_and_forgets_past_its_capacity() -> None:
+    pods = _pods(2)
+    fleet = _Fleet(pods, [0, 0])
+    approx = make_router("approximate", 1)
+    approx.bind(fleet, approx_capacity=4)
+    a, b = list(range(100, 117)), list(range(200, 217))  # 4 full blocks each
+    first = approx.pick(_req(0, a), fleet)
+    fleet.loads[first] = 1
+    assert approx.pick(_req(1, a), fleet) == first  # remembered, though no pod holds it
+    fleet.loads = [0, 0]
+    other = approx.pick(_req(2, b), fleet)
+    if other == first:  # b pushed a out of that pod's 4-block memory
+        fleet.loads = [0, 1] if first == 0 else [1, 0]
+        assert approx.pick(_req(3, a), fleet) != first
 
 
 def test_unknown_router_is_a_clear_error() -> None:
-    assert {"kvindex", "kvindex-direct", "oracle", "round-robin"} <= set(router_names())
+    assert {"kvindex", "kvindex-direct", "oracle", "oracle-greedy", "approximate", "round-robin"} <= set(router_names())
     with pytest.raises(ValueError, match="unknown router"):
         make_router("nope", 1)
 
