@@ -188,7 +188,16 @@ impl Inner {
             ));
         }
         let ratio = ebs / bs;
-        let Some(parent) = bridge::parent_chain(&self.index, &self.tp, model, &bridge, ev.parent_block_hash) else {
+        let parent = match bridge::parent_chain(&self.index, &self.tp, model, &bridge, ev.parent_block_hash) {
+            // legacy publishers (llm-d-inference-sim) write "no parent" as 0; a block whose
+            // engine hash really is 0 and is known still chains on it (vLLM stays exact)
+            None if ev.parent_block_hash == Some(0) => {
+                self.counters.add(C::root_zero_parent, 1);
+                Some(self.tp.root())
+            }
+            p => p,
+        };
+        let Some(parent) = parent else {
             self.counters.add(C::unknown_parents, 1);
             self.counters.add(C::unplaced_blocks, (n * ratio) as u64);
             info.unknown_parents.fetch_add(1, Relaxed);

@@ -25,6 +25,7 @@ counters!(
     blocks_stored,
     blocks_removed,
     unknown_parents,
+    root_zero_parent,
     unplaced_blocks,
     block_size_mismatches,
     hash_matches,

@@ -26,6 +26,8 @@ mod shards;
 pub mod snapshot;
 pub mod tiers;
 
+#[cfg(test)]
+mod compat_tests;
 #[cfg(feature = "python")]
 mod python;
 #[cfg(test)]

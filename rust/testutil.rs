@@ -73,3 +73,30 @@ pub fn batch(events: &[Vec<u8>]) -> Vec<u8> {
     b.push(0x00);
     b
 }
+
+/// The map form (vLLM >= 0.24, llm-d-inference-sim's "map" format) of `stored`:
+/// `{"type": "BlockStored", "block_hashes", "parent_block_hash", "token_ids", "block_size": 16,
+/// "medium"}` (a `None` parent is written as nil, a `None` medium is omitted).
+pub fn stored_map(hashes: &[u64], parent: Option<u64>, toks: &[u32], medium: Option<&str>) -> Vec<u8> {
+    let mut b = vec![0x85 + u8::from(medium.is_some())];
+    str(&mut b, "type");
+    str(&mut b, "BlockStored");
+    str(&mut b, "block_hashes");
+    array_head(&mut b, hashes.len());
+    hashes.iter().for_each(|&h| uint(&mut b, h));
+    str(&mut b, "parent_block_hash");
+    match parent {
+        Some(p) => uint(&mut b, p),
+        None => b.push(0xc0),
+    }
+    str(&mut b, "token_ids");
+    array_head(&mut b, toks.len());
+    toks.iter().for_each(|&t| uint(&mut b, t as u64));
+    str(&mut b, "block_size");
+    b.push(0x10);
+    if let Some(m) = medium {
+        str(&mut b, "medium");
+        str(&mut b, m);
+    }
+    b
+}

@@ -19,7 +19,7 @@ import zmq
 
 from kvindex_service._native import KvIndexError
 from kvindex_service.events.admission import Admission, safe_text
-from kvindex_service.events.eventlog import Warner, log_decision
+from kvindex_service.events.eventlog import ParentLog, Warner, log_decision
 from kvindex_service.events.links import Conn, Dealer, Links, Monitor
 from kvindex_service.events.progress import Progress
 from kvindex_service.events.replay import LiveBatch, parse_reply
@@ -66,6 +66,7 @@ class Loop:
     _topics: TopicCache
     _progress: Progress
     _warn: Warner
+    _parents: ParentLog
 
     def _pod_count(self) -> int:
         """Pods counted against ``max_pods``: every pod that published, plus every
@@ -149,6 +150,7 @@ class Loop:
                 if self._idle is not None and now >= self._next_sweep:
                     self._expire_idle(now)
                 self._update_settled()
+                self._parents.poll(now, self._indexer.pod_states)
         except Exception:
             log.exception("event subscriber loop crashed")
             self._stats["internal_errors"] += 1
@@ -168,6 +170,7 @@ class Loop:
 
     def _poll_timeout_ms(self) -> int | None:
         wakes = [self._seq.next_wakeup(), self._links.next_redial(), self._next_sweep if self._idle else None]
+        wakes.append(self._parents.next_at)
         wake_at = min((w for w in wakes if w is not None), default=None)
         if wake_at is None:
             return None

@@ -118,6 +118,9 @@ class ReplayEnd:
     end_seq: int
     """The batch that revealed the gap."""
     attempts: int
+    probe: bool = False
+    """The replay only looked for a batch 0 before a stream's first batch 1: a publisher numbering
+    from 1 has none, so an uncovered probe is no gap (nothing is counted or warned)."""
 
 
 Decision: TypeAlias = Apply | Hold | Drop | Reset | Gap | SendReplay | ReplayTimeout | ReplayEnd
@@ -134,6 +137,8 @@ class Sequencer:
         self.tracks: dict[str, PodTrack] = {}
         self.totals = dict.fromkeys(SEQ_COUNTERS, 0)
         self._jobs: dict[str, ReplayJob] = {}
+        self._probes: set[str] = set()
+        """Pods whose running replay is a probe for batch 0 (see ``_first_batch_one``)."""
         self.resume: dict[str, int] = {}
         """Last seq per pod restored from a snapshot: a new track starts from it, so the next
         batch after a gap is replayed from there (and one not moving forward is a reset)."""
@@ -154,6 +159,7 @@ class Sequencer:
     def remove_pod(self, pod: str) -> PodTrack | None:
         """Forget the pod, its replay and its held batches (no decisions: it is gone)."""
         self._jobs.pop(pod, None)
+        self._probes.discard(pod)
         track = self.tracks.pop(pod, None)
         if track is not None:
             track.job = None
@@ -267,6 +273,9 @@ class Sequencer:
             self._count(track, "resets")
             out.append(Reset(track.pod, last, batch.seq))
             track.last_seq = None
+        if verdict.missing_from == 0 and batch.seq == 1:
+            self._first_batch_one(track, batch, index, out)
+            return
         if verdict.missing_from is not None:
             self._count(track, "gaps")
             endpoint = track.replay_endpoint
@@ -286,16 +295,39 @@ class Sequencer:
             self._count(track, "unrecoverable_gaps")
         out.append(self._apply(track, batch))
 
+    def _first_batch_one(self, track: PodTrack, batch: LiveBatch, index: int, out: list[Decision]) -> None:
+        """A stream (or a restarted one) whose first batch seen is 1: publishers numbering from 1
+        (llm-d-inference-sim) start there, vLLM's start at 0. Never a gap: without a replay
+        endpoint the stream starts at 1; with one, batch 0 is asked for (a probe) and applied
+        if the publisher has it, and nothing is counted if it has none."""
+        endpoint = track.replay_endpoint
+        if endpoint is None:
+            out.append(self._apply(track, batch))
+            return
+        job = ReplayJob(
+            pod=track.pod,
+            endpoint=endpoint,
+            first_missing=0,
+            revealing=batch,
+            revealing_index=index,
+            settings=self.settings,
+        )
+        track.job = self._jobs[track.pod] = job
+        self._probes.add(track.pod)
+        out.append(SendReplay(track.pod, endpoint, 0, 1))
+
     def _end(self, track: PodTrack, job: ReplayJob, reason: EndReason) -> list[Decision]:
         """The replay is over: apply the batch that revealed the gap, then the held ones in
         order (one of which may reveal the next gap and stop there)."""
         track.job = None
         self._jobs.pop(track.pod, None)
         covered = job.covered
-        if not covered:
+        probe = track.pod in self._probes
+        self._probes.discard(track.pod)
+        if not covered and not probe:
             self._count(track, "unrecoverable_gaps")
         out: list[Decision] = [
-            ReplayEnd(track.pod, job.endpoint, reason, covered, job.next_seq, job.end_seq, job.attempts),
+            ReplayEnd(track.pod, job.endpoint, reason, covered, job.next_seq, job.end_seq, job.attempts, probe),
             self._apply(track, job.revealing),
         ]
         while track.pending and track.job is None:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from kvindex_service.events.admission import Admission, PodLimitError
-from kvindex_service.events.eventlog import Warner
+from kvindex_service.events.eventlog import ParentLog, Warner
 from kvindex_service.events.links import Links, Reconnect
 from kvindex_service.events.loop import Loop
 from kvindex_service.events.progress import Progress
@@ -156,6 +156,7 @@ class Subscriber(Loop):
         self._topics = TopicCache(topic_prefix, _TOPIC_CACHE_MAX)
         self._progress = Progress()
         self._warn = Warner(log)
+        self._parents = ParentLog(log)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -85,8 +85,9 @@ def test_remove_a_bind_mode_pod(rig: Rig) -> None:
     assert sub.sync()
     assert ix.pod_state("10.0.0.1:8000") is None
     assert [s["pod"] for s in sub.pod_states()] == ["10.0.0.2:8000"]
-    # If it publishes again it is a new pod: a mid-stream join, counted as a gap.
-    pub.send_wait(sub, capture["messages"][2]["frames"])
+    # If it publishes again it is a new pod: a mid-stream join (its batch 2; a first batch 1
+    # would start a stream numbered from 1), counted as a gap.
+    pub.send_wait(sub, capture["messages"][3]["frames"])
     state = sub.pod_state("10.0.0.1:8000")
     assert state is not None and state["gaps"] == 1 and state["unrecoverable_gaps"] == 1
 

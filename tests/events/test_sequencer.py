@@ -69,6 +69,54 @@ def test_repeated_seq_is_a_restart_whose_first_batches_were_missed() -> None:
     assert (s.tracks["b"].resets, s.tracks["b"].gaps, s.tracks["b"].unrecoverable_gaps) == (1, 1, 1)
 
 
+def test_a_stream_numbered_from_one_starts_without_a_gap() -> None:
+    """llm-d-inference-sim numbers its batches from 1: with nowhere to replay from, batch 1
+    simply starts the stream (and a restart at 1 restarts it the same way)."""
+    s = seqr()
+    assert feed(s, "b", [1, 2]) == [Apply("b", live(1)), Apply("b", live(2))]
+    assert s.observe("b", live(1)) == [Reset("b", 2, 1), Apply("b", live(1))]
+    track = s.tracks["b"]
+    assert (track.gaps, track.unrecoverable_gaps, track.resets, track.last_seq) == (0, 0, 1, 1)
+    assert s.totals["gaps"] == s.totals["unrecoverable_gaps"] == 0
+    # a later join (first seq > 1) is still a gap from 0
+    s.add_pod("c")
+    assert s.observe("c", live(2)) == [Gap("c", 0, 1, None), Apply("c", live(2))]
+
+
+def test_first_batch_one_with_a_replay_endpoint_probes_for_batch_zero() -> None:
+    """With a replay endpoint batch 0 is asked for: a publisher numbering from 1 has none
+    (no gap, no unrecoverable gap, no warning); vLLM's missed batch 0 is recovered."""
+    s = seqr()
+    assert s.observe("a", live(1)) == [SendReplay("a", REPLAY, 0, 1)]
+    s.replay_sent("a", now=0.0)
+    assert isinstance(s.observe("a", live(2), index=3)[0], Hold)
+    out = s.on_reply("a", reply(1), 0.1) + s.on_reply("a", reply(None), 0.1)
+    assert out == [
+        Drop("a", 1),
+        ReplayEnd("a", REPLAY, "done", False, 0, 1, 1, True),
+        Apply("a", live(1)),
+        Apply("a", live(2)),
+    ]
+    track = s.tracks["a"]
+    assert (track.gaps, track.unrecoverable_gaps, track.replays, track.last_seq) == (0, 0, 1, 2)
+    # a vLLM stream whose batch 0 we missed gets it back
+    s2 = seqr()
+    s2.observe("a", live(1))
+    s2.replay_sent("a", now=0.0)
+    out = s2.on_reply("a", reply(0), 0.1) + s2.on_reply("a", reply(None), 0.1)
+    assert applied(out) == [0, 1] and out[1] == ReplayEnd("a", REPLAY, "done", True, 1, 1, 1, True)
+    assert (s2.tracks["a"].gaps, s2.tracks["a"].unrecoverable_gaps) == (0, 0)
+    # a silent endpoint: retries spent, the stream starts at 1, still nothing counted as lost
+    s3 = seqr()
+    s3.observe("a", live(1))
+    s3.replay_sent("a", now=0.0)
+    out = s3.due(5.0) + s3.due(10.0)
+    s3.replay_sent("a", now=10.0)
+    out = s3.due(20.0)
+    assert applied(out) == [1] and s3.tracks["a"].unrecoverable_gaps == 0
+    assert s3.replays_in_progress == 0
+
+
 def test_restart_at_zero_resets_and_applies() -> None:
     s = seqr()
     feed(s, "a", [0, 1, 2])
@@ -260,8 +308,8 @@ def test_pods_are_independent() -> None:
     s.observe("a", live(3))  # a waits on its replay
     s.replay_sent("a", now=0.0)
     assert applied(feed(s, "b", [0, 1, 2])) == [0, 1, 2]
-    assert s.observe("c", live(1)) == [
-        Gap("c", 0, 0, "tcp://10.0.0.3:5558"),
+    assert s.observe("c", live(2)) == [
+        Gap("c", 0, 1, "tcp://10.0.0.3:5558"),
         SendReplay("c", "tcp://10.0.0.3:5558", 0, 1),
     ]
     s.replay_sent("c", now=5.0)
