@@ -23,12 +23,20 @@ pub struct BlockStored {
     pub lora_name: Option<String>,
     /// Per block: the canonical CBOR of its extra keys, or `None`.
     pub extra_keys: Option<Vec<Option<Vec<u8>>>>,
+    /// Hybrid models (0.20+): the KV-cache group this store belongs to (nil: the only group).
+    pub group_idx: Option<i64>,
+    /// Hybrid models (0.22+): the group's KV-cache spec kind, as sent (a name, or an integer
+    /// rendered in decimal), and its sliding window in tokens.
+    pub kv_cache_spec_kind: Option<String>,
+    pub kv_cache_spec_sliding_window: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BlockRemoved {
     pub block_hashes: Vec<EngineHash>,
     pub medium: Option<String>,
+    /// Hybrid models (0.20+): the KV-cache group removing its copy (nil: the only group).
+    pub group_idx: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +168,17 @@ fn opt_str(r: &mut Reader<'_>) -> Result<Option<String>> {
     }
 }
 
+/// A name or an integer (rendered in decimal); nil is `None`. Lenient: an enum's encoding may
+/// change between versions, and this field must never cost the event.
+fn opt_label(r: &mut Reader<'_>) -> Result<Option<String>> {
+    match r.value()? {
+        Value::Nil => Ok(None),
+        Value::Str(s) => Ok(Some(String::from_utf8_lossy(s).into_owned())),
+        Value::Int(i) => Ok(Some(i.to_string())),
+        _ => Ok(None),
+    }
+}
+
 fn extra_keys(r: &mut Reader<'_>) -> Result<Option<Vec<Option<Vec<u8>>>>> {
     let n = match r.value()? {
         Value::Nil => return Ok(None),
@@ -192,6 +211,9 @@ enum Field {
     Medium,
     LoraName,
     ExtraKeys,
+    GroupIdx,
+    SpecKind,
+    SlidingWindow,
     Other,
 }
 
@@ -205,6 +227,9 @@ fn stored_field(pos: usize) -> Field {
         5 => Field::Medium,
         6 => Field::LoraName,
         7 => Field::ExtraKeys,
+        8 => Field::GroupIdx,
+        9 => Field::SpecKind,
+        10 => Field::SlidingWindow,
         _ => Field::Other,
     }
 }
@@ -213,6 +238,7 @@ fn removed_field(pos: usize) -> Field {
     match pos {
         0 => Field::BlockHashes,
         1 => Field::Medium,
+        2 => Field::GroupIdx,
         _ => Field::Other,
     }
 }
@@ -227,6 +253,9 @@ fn named_field(name: &[u8]) -> Field {
         b"medium" => Field::Medium,
         b"lora_name" => Field::LoraName,
         b"extra_keys" => Field::ExtraKeys,
+        b"group_idx" => Field::GroupIdx,
+        b"kv_cache_spec_kind" => Field::SpecKind,
+        b"kv_cache_spec_sliding_window" => Field::SlidingWindow,
         _ => Field::Other,
     }
 }
@@ -257,6 +286,9 @@ fn read_field(r: &mut Reader<'_>, f: Field, out: &mut Fields) -> Result<()> {
         Field::Medium => s.medium = opt_str(r)?,
         Field::LoraName => s.lora_name = opt_str(r)?,
         Field::ExtraKeys => s.extra_keys = extra_keys(r)?,
+        Field::GroupIdx => s.group_idx = opt_int(r)?,
+        Field::SpecKind => s.kv_cache_spec_kind = opt_label(r)?,
+        Field::SlidingWindow => s.kv_cache_spec_sliding_window = opt_int(r)?,
         Field::Other => r.skip()?,
     }
     Ok(())
@@ -274,7 +306,12 @@ fn finish(tag: &str, f: Fields) -> Result<Event> {
             if !f.seen_hashes {
                 return Err(Error::decode(DecodeKind::Shape, "BlockRemoved without block_hashes"));
             }
-            Ok(Event::BlockRemoved(BlockRemoved { block_hashes: f.stored.block_hashes, medium: f.stored.medium }))
+            let s = f.stored;
+            Ok(Event::BlockRemoved(BlockRemoved {
+                block_hashes: s.block_hashes,
+                medium: s.medium,
+                group_idx: s.group_idx,
+            }))
         }
         "AllBlocksCleared" => Ok(Event::AllBlocksCleared),
         other => Ok(Event::Unknown(other.to_owned())),
@@ -363,7 +400,7 @@ mod tests {
         assert_eq!(batch.events.len(), 2);
         assert_eq!(
             batch.events[0].as_ref().unwrap(),
-            &Event::BlockRemoved(BlockRemoved { block_hashes: vec![7], medium: None })
+            &Event::BlockRemoved(BlockRemoved { block_hashes: vec![7], medium: None, group_idx: None })
         );
         assert_eq!(batch.events[1].as_ref().unwrap(), &Event::AllBlocksCleared);
     }
@@ -401,6 +438,47 @@ mod tests {
         assert_eq!(hash_value(Value::Bin(&[1, 2])).unwrap(), 0x0102);
         assert_eq!(hash_value(Value::Int(-1)).unwrap(), u64::MAX);
         assert!(hash_value(Value::Nil).is_err());
+    }
+
+    #[test]
+    fn hybrid_group_fields_in_both_encodings() {
+        // ["BlockRemoved", [7], "GPU", 1]
+        let mut b = arr(4);
+        b.extend(s("BlockRemoved"));
+        b.extend(arr(1));
+        b.extend(u64v(7));
+        b.extend(s("GPU"));
+        b.push(0x01);
+        let want = BlockRemoved { block_hashes: vec![7], medium: Some("GPU".into()), group_idx: Some(1) };
+        assert_eq!(decode_event(&mut Reader::new(&b)).unwrap(), Event::BlockRemoved(want));
+        // {"type": "BlockStored", "block_hashes": [], "group_idx": 1,
+        //  "kv_cache_spec_kind": "sliding_window", "kv_cache_spec_sliding_window": 128}
+        let mut m = vec![0x85];
+        for (k, v) in [("type", s("BlockStored")), ("block_hashes", arr(0)), ("group_idx", vec![0x01])] {
+            m.extend(s(k));
+            m.extend(v);
+        }
+        m.extend([0xb2]);
+        m.extend(b"kv_cache_spec_kind");
+        m.extend([0xae]);
+        m.extend(b"sliding_window");
+        m.extend([0xbc]);
+        m.extend(b"kv_cache_spec_sliding_window");
+        m.extend([0xcc, 128]);
+        let Event::BlockStored(st) = decode_event(&mut Reader::new(&m)).unwrap() else { panic!() };
+        assert_eq!(st.group_idx, Some(1));
+        assert_eq!(st.kv_cache_spec_kind.as_deref(), Some("sliding_window"));
+        assert_eq!(st.kv_cache_spec_sliding_window, Some(128));
+        // an integer kind is kept as its decimal form, an odd one is dropped, never the event
+        let mut a = arr(12);
+        a.extend(s("BlockStored"));
+        a.extend(arr(0));
+        a.extend([0xc0, 0x90, 0x10, 0xc0, 0xc0, 0xc0, 0xc0, 0x00, 0x02, 0xc0]);
+        let Event::BlockStored(st) = decode_event(&mut Reader::new(&a)).unwrap() else { panic!() };
+        assert_eq!(
+            (st.group_idx, st.kv_cache_spec_kind.as_deref(), st.kv_cache_spec_sliding_window),
+            (Some(0), Some("2"), None)
+        );
     }
 
     #[test]
