@@ -43,11 +43,11 @@ test-rust:
 test-py: build
 	$(PY) -m pytest -q tests
 
-## test-k8s: pod discovery against a real etcd + kube-apiserver (built once into ~/.cache/kvindex)
+## test-k8s: pod discovery and the Helm chart against a real etcd + kube-apiserver (kube-apiserver and helm built once into ~/.cache/kvindex)
 test-k8s: build
 	@command -v etcd >/dev/null || { echo "test-k8s needs etcd: apt-get install -y etcd-server" >&2; exit 2; }
-	apiserver=$$(tools/k8s/build-kube-apiserver.sh) && \
-	KVINDEX_REQUIRE_K8S=1 KVINDEX_KUBE_APISERVER=$$apiserver $(PY) -m pytest -q tests/k8s -p no:cacheprovider
+	apiserver=$$(tools/k8s/build-kube-apiserver.sh) && helm=$$(tools/helm/build-helm.sh) && \
+	KVINDEX_REQUIRE_K8S=1 KVINDEX_KUBE_APISERVER=$$apiserver KVINDEX_HELM=$$helm $(PY) -m pytest -q tests/k8s -p no:cacheprovider
 
 ## stubtest: check the native module's type stub against the built extension
 stubtest: build

@@ -557,7 +557,7 @@ def _install_crds(client: Api) -> None:
 
         def established(name: str = name, group: str = group, plural: str = plural) -> bool:
             got = client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}").json()
-            conditions = got.get("status", {}).get("conditions", [])
+            conditions = (got.get("status") or {}).get("conditions") or []  # null until the controller runs
             served = client.get(f"/apis/{group}/{version}").status_code == 200
             return served and any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
