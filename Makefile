@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.deps-stamp
-RUST_SRC := $(wildcard rust/*.rs) Cargo.toml
+RUST_SRC := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml
 
 .PHONY: help run test test-rust test-py test-k8s build bench bench-rust bench-py demo lint stubtest fuzz clean
 
@@ -39,9 +39,9 @@ test: build test-rust test-py
 test-rust:
 	cargo test --quiet --lib
 
-## test-py: pytest (includes the schemathesis contract test)
+## test-py: pytest (includes the schemathesis contract test; the Kubernetes suite is test-k8s)
 test-py: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/k8s
 
 ## test-k8s: pod discovery and the Helm chart against a real etcd + kube-apiserver (kube-apiserver and helm built once into ~/.cache/kvindex)
 test-k8s: build
