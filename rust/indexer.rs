@@ -83,9 +83,11 @@ impl Indexer {
         cfg.validate()?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let nshards = cfg.effective_shards(cores);
-        // at most ~8K keys per index shard: a snapshot holds one shard's lock at a time for
-        // about a millisecond (BlockIndex keeps at least 4096 keys per shard)
-        let want = (cores * 32).max(64).max(cfg.max_keys / 8192);
+        // at most ~64K keys per index shard: a snapshot holds one shard's lock at a time, for
+        // a few milliseconds at that size. Smaller shards shorten that hold but cost every add
+        // and lookup cache locality (8K keys per shard: add+remove 33% and warm scoring 35%
+        // slower in one criterion run). BlockIndex keeps at least 4096 keys per shard.
+        let want = (cores * 32).max(64).max(cfg.max_keys / 65_536);
         let index = BlockIndex::new(cfg.max_keys, cfg.max_pods_per_key, want, cfg.algorithm.chains_on_digest());
         let memo = match cfg.algorithm {
             Algorithm::Xxh3 => None, // hashing is already as cheap as a memo lookup
