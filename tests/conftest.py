@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 VLLM_DIR = FIXTURES / "vllm"
 VLLM_VERSIONS = sorted(p.stem.removeprefix("vllm-") for p in VLLM_DIR.glob("vllm-*.json"))
 MOONCAKE_TRACE = FIXTURES / "mooncake-synthetic.jsonl"
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill a CLI process a test left running and close its stderr pipe."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
 
 
 def load_vllm_capture(version: str) -> dict[str, Any]:

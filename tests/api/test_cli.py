@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from kvindex_service.cli import main
+from tests.conftest import reap
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,11 +83,7 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert "runtime stopped" in "".join(lines) + rest
         assert "Traceback" not in "".join(lines) + rest
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        reap(proc)
 
 
 def test_serve_reports_a_bad_configuration(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import kvindex_service.tokenization as tokenization
 from kvindex_service.api import create_app
 from kvindex_service.runtime import LLAMA32_PACKAGE
 from tests.api.helpers import MODEL, make_settings
+from tests.conftest import reap
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = [sys.executable, "-m", "kvindex_service", "serve"]
@@ -160,8 +161,4 @@ def test_serve_speaks_https_with_tls_cert_and_key(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        reap(proc)
