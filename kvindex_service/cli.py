@@ -29,7 +29,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
+
+from kvindex_service.argparsing import OneLineParser
 
 if TYPE_CHECKING:
     import uvicorn
@@ -43,13 +45,6 @@ _DELEGATED = {
     "simulate": ("kvindex_service.sim.cli", "the vLLM fleet simulator"),
     "fake-pod": ("kvindex_service.fakepod.cli", "a fake vLLM pod publishing real KV events (local fleets, tests)"),
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, minus the usage block on errors: one line naming the problem, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _fail(message: str) -> int:
@@ -100,7 +95,7 @@ def _chat_template(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="kvindex",
         description="KV-cache-aware routing index for vLLM fleets.",
     )

@@ -19,11 +19,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from kvindex_service.argparsing import OneLineParser
 from kvindex_service.extproc.config import DEFAULT_SESSION_HEADER, ExtprocConfig
 from kvindex_service.extproc.security import SCORER_TOKEN_ENV, ConfigError, scorer_token
 from kvindex_service.extproc.server import start_picker
@@ -55,13 +56,6 @@ _FLAG_OF = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage of ~25 flags is not)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _port(kind: str) -> Any:
     def parse(text: str) -> int:
         try:
@@ -86,7 +80,7 @@ def _grace(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Envoy ext_proc KV-cache-aware endpoint picker")
+    p = OneLineParser(prog=PROG, description="Envoy ext_proc KV-cache-aware endpoint picker")
     p.add_argument("--config", help="YAML file with the picker settings")
     p.add_argument("--host", default="0.0.0.0", help="gRPC listen address (default 0.0.0.0: all interfaces)")
     p.add_argument("--port", type=_port("0 = any free port"), default=9002, help="gRPC port (default 9002, 0 = any)")

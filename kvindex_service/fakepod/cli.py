@@ -22,9 +22,9 @@ import socket
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import NoReturn
 
 from kvindex_service._native import index_defaults
+from kvindex_service.argparsing import OneLineParser
 from kvindex_service.fakepod.engine import FakePod, FakePodConfig, binds
 from kvindex_service.fakepod.wire import ALIASES, FORMATS
 
@@ -33,11 +33,6 @@ __all__ = ["build_parser", "main"]
 PROG = "kvindex fake-pod"
 DEFAULT_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
 log = logging.getLogger(__name__)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _fail(message: str) -> int:
@@ -76,7 +71,7 @@ def _key_value(flag: str) -> Callable[[str], tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="A fake vLLM pod: OpenAI API, prefix-caching block pool, real KV events.")
+    p = OneLineParser(prog=PROG, description="A fake vLLM pod: OpenAI API, prefix-caching block pool, real KV events.")
     p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
     p.add_argument("--pod-id", help="pod id in the event topic (default HOST:PORT)")
