@@ -4,9 +4,15 @@
 //! Events are tagged unions, encoded as arrays `[tag, field...]` up to vLLM 0.23 and as maps
 //! `{"type": tag, field: value}` from 0.24. Trailing defaulted fields may be missing, unknown
 //! fields are ignored, and one bad event never loses the rest of its batch.
+//!
+//! SGLang's publisher (`sglang/srt/disaggregation/kv_events.py`) speaks the same contract: array
+//! events up to 0.5.22, map events from 0.5.23. Its one field with no vLLM counterpart that
+//! changes which blocks match is `cache_salt` (0.5.23, a string on the store): it becomes the
+//! extra keys vLLM would have sent (see `salt_extras`), so a salted store is indexed under the
+//! keys a request with that salt computes, and never under the unsalted ones.
 
 use crate::error::{DecodeKind, Error, Result};
-use crate::hashing::check_token;
+use crate::hashing::{check_token, Extras};
 use crate::msgpack::{kind, Reader, Value};
 
 /// An engine's block hash reduced to 64 bits (the value vLLM events carry by default).
@@ -214,6 +220,8 @@ enum Field {
     GroupIdx,
     SpecKind,
     SlidingWindow,
+    /// SGLang 0.5.23+: the request's cache salt (map encoding only).
+    CacheSalt,
     Other,
 }
 
@@ -256,6 +264,7 @@ fn named_field(name: &[u8]) -> Field {
         b"group_idx" => Field::GroupIdx,
         b"kv_cache_spec_kind" => Field::SpecKind,
         b"kv_cache_spec_sliding_window" => Field::SlidingWindow,
+        b"cache_salt" => Field::CacheSalt,
         _ => Field::Other,
     }
 }
@@ -264,6 +273,7 @@ fn named_field(name: &[u8]) -> Field {
 struct Fields {
     stored: BlockStored,
     seen_hashes: bool,
+    cache_salt: Option<String>,
 }
 
 fn read_field(r: &mut Reader<'_>, f: Field, out: &mut Fields) -> Result<()> {
@@ -289,6 +299,7 @@ fn read_field(r: &mut Reader<'_>, f: Field, out: &mut Fields) -> Result<()> {
         Field::GroupIdx => s.group_idx = opt_int(r)?,
         Field::SpecKind => s.kv_cache_spec_kind = opt_label(r)?,
         Field::SlidingWindow => s.kv_cache_spec_sliding_window = opt_int(r)?,
+        Field::CacheSalt => out.cache_salt = opt_str(r)?,
         Field::Other => r.skip()?,
     }
     Ok(())
@@ -300,7 +311,11 @@ fn finish(tag: &str, f: Fields) -> Result<Event> {
             if !f.seen_hashes {
                 return Err(Error::decode(DecodeKind::Shape, "BlockStored without block_hashes"));
             }
-            Ok(Event::BlockStored(f.stored))
+            let mut stored = f.stored;
+            if stored.extra_keys.is_none() {
+                stored.extra_keys = salt_extras(&stored, f.cache_salt.as_deref());
+            }
+            Ok(Event::BlockStored(stored))
         }
         "BlockRemoved" => {
             if !f.seen_hashes {
@@ -316,6 +331,21 @@ fn finish(tag: &str, f: Fields) -> Result<Event> {
         "AllBlocksCleared" => Ok(Event::AllBlocksCleared),
         other => Ok(Event::Unknown(other.to_owned())),
     }
+}
+
+/// A store's `cache_salt` as the per-block extra keys vLLM sends for a salted request: the salt
+/// (after the LoRA name, if any) on the chain's first block only — a store with a parent
+/// inherits the salt through it — and the LoRA name on every block. `None` when nothing changes.
+fn salt_extras(s: &BlockStored, salt: Option<&str>) -> Option<Vec<Option<Vec<u8>>>> {
+    let salt = salt.filter(|x| !x.is_empty())?;
+    if s.parent_block_hash.is_some() {
+        return None; // the salt rides on the parent's key; the LoRA name stays with lora_name
+    }
+    let Extras::Request { first, rest } = Extras::for_request(s.lora_name.as_deref(), Some(salt)) else {
+        return None;
+    };
+    let n = s.block_hashes.len();
+    Some((0..n).map(|i| if i == 0 { first.clone() } else { rest.clone() }).collect())
 }
 
 pub fn decode_event(r: &mut Reader<'_>) -> Result<Event> {
@@ -479,6 +509,49 @@ mod tests {
             (st.group_idx, st.kv_cache_spec_kind.as_deref(), st.kv_cache_spec_sliding_window),
             (Some(0), Some("2"), None)
         );
+    }
+
+    #[test]
+    fn sglang_cache_salt_becomes_vllm_extra_keys() {
+        // {"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": P,
+        //  "token_ids": [], "block_size": 16, "cache_salt": "s"}
+        let event = |parent: Option<u64>, salt: Option<&str>, lora: Option<&str>| {
+            let n = 4 + usize::from(parent.is_some()) + usize::from(salt.is_some()) + usize::from(lora.is_some());
+            let mut m = vec![0x80 | n as u8];
+            m.extend(s("type"));
+            m.extend(s("BlockStored"));
+            m.extend(s("block_hashes"));
+            m.extend([0x92, 0x01, 0x02]);
+            if let Some(p) = parent {
+                m.extend(s("parent_block_hash"));
+                m.extend(u64v(p));
+            }
+            m.extend(s("token_ids"));
+            m.extend(arr(0));
+            m.extend(s("block_size"));
+            m.push(0x10);
+            if let Some(x) = salt {
+                m.extend(s("cache_salt"));
+                m.extend(s(x));
+            }
+            if let Some(x) = lora {
+                m.extend(s("lora_name"));
+                m.extend(s(x));
+            }
+            let Event::BlockStored(st) = decode_event(&mut Reader::new(&m)).unwrap() else { panic!() };
+            st
+        };
+        let want = |lora: Option<&str>| {
+            let Extras::Request { first, rest } = Extras::for_request(lora, Some("s")) else { panic!() };
+            Some(vec![first, rest])
+        };
+        // a chain root carries the salt on its first block, as a salted vLLM request would
+        assert_eq!(event(None, Some("s"), None).extra_keys, want(None));
+        assert_eq!(event(None, Some("s"), Some("ad")).extra_keys, want(Some("ad")));
+        // a store with a parent inherits the salt through it; no salt (or an empty one) is no change
+        assert_eq!(event(Some(9), Some("s"), None).extra_keys, None);
+        assert_eq!(event(None, None, None).extra_keys, None);
+        assert_eq!(event(None, Some(""), None).extra_keys, None);
     }
 
     #[test]
