@@ -136,8 +136,9 @@ def _native_hash(root: Path, work: Path) -> Any:
 
     src = root / "sglang/srt/mem_cache/cpp_utils/hash_binding.cpp"
     out = work / ("hicache_hash_cpp" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", "-mavx2", "-DTORCH_EXTENSION_NAME=hicache_hash_cpp", f"-I{pybind11.get_include()}"]
-    cmd += [f"-I{sysconfig.get_paths()['include']}", str(src), "-o", str(out), "-lcrypto"]
+    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", "-mavx2", "-DTORCH_EXTENSION_NAME=hicache_hash_cpp"]
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    cmd = ["g++", *flags, *includes, str(src), "-o", str(out), "-lcrypto"]
     subprocess.run(cmd, check=True)
     sys.path.insert(0, str(work))
     import hicache_hash_cpp  # type: ignore[import-not-found]
@@ -165,7 +166,9 @@ class Engine:
         if version < (0, 5):
             self.cache = rc.RadixCache(None, _Pool(), page_size=PAGE, disable=False, enable_kv_cache_events=True)
         elif hasattr(rc.RadixCache, "create_simulated"):
-            self.cache = rc.RadixCache.create_simulated(mock_allocator=_Pool(), page_size=PAGE, enable_kv_cache_events=True)
+            self.cache = rc.RadixCache.create_simulated(
+                mock_allocator=_Pool(), page_size=PAGE, enable_kv_cache_events=True
+            )
         else:
             from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
