@@ -18,6 +18,7 @@ seq 2 of the first pod is sent to its real replay ROUTER and the reply frames ar
     pip download --no-deps -d /tmp/sgl sglang==0.5.23
     mkdir /tmp/sgl/0.5.23 && cd /tmp/sgl/0.5.23 && unzip -q ../sglang-0.5.23-*.whl 'sglang/*'
     python tools/sglang/capture_sglang_events.py /tmp/sgl/0.5.23 0.5.23
+    python tools/sglang/capture_sglang_events.py /tmp/sgl/0.5.23 0.5.23 1   # SGLang's default page size
 
 Needs ``msgspec``, ``pyzmq`` and ``pydantic`` (SGLang's own publisher dependencies) and, from
 0.5.23 on, ``pybind11`` and OpenSSL headers: SGLang hashes pages in a C++ extension
@@ -258,7 +259,7 @@ def _prompts() -> dict[str, list[int]]:
     and a third made of P2's first page and P1's tail."""
     vllm = json.loads((REPO / "tests/fixtures/vllm/vllm-0.33.0.json").read_text())["prompts"]
     p1, p2 = vllm["P1"], vllm["P2"]
-    return {"P1": p1, "P2": p2, "P3": p2[:PAGE] + p1[3 * PAGE :]}
+    return {"P1": p1, "P2": p2, "P3": p2[:16] + p1[48:]}
 
 
 def _decode(payload: bytes) -> Any:
@@ -376,9 +377,13 @@ def capture(root: Path, version_text: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    """``ROOT VERSION [PAGE_SIZE]``: a page size other than 16 is written as ``-page<N>``."""
+    global PAGE
     root, version = Path(sys.argv[1]), sys.argv[2]
+    PAGE = int(sys.argv[3]) if len(sys.argv) > 3 else PAGE
     data = capture(root, version)
-    out = REPO / "tests/fixtures/sglang" / f"sglang-{version}.json"
+    suffix = "" if PAGE == 16 else f"-page{PAGE}"
+    out = REPO / "tests/fixtures/sglang" / f"sglang-{version}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(out)
