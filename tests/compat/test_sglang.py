@@ -156,3 +156,42 @@ def test_sglang_0_4_hashes_cannot_be_placed_and_are_counted(rig: Rig) -> None:
                 assert matched(ix, capture["model"], capture["prompts"][prompt], pod) == 0
     assert ix.counters()["unknown_parents"] > 0
     assert all(s["unknown_parents"] > 0 for s in sub.pod_states() if s["batches_applied"] > 1)
+
+
+def test_page_size_below_the_block_size_is_refused_and_counted(rig: Rig) -> None:
+    """SGLang's default ``--page-size 1`` publishes one-token blocks: with kvindex's 16-token
+    blocks nothing can be keyed, so every store is refused as a block-size mismatch, visible per
+    pod, and no pod is ever scored."""
+    capture = load("0.5.23-page1")
+    assert capture["page_size"] == 1
+    ix = rig.indexer(block_size=16)
+    pubs = {pod: rig.publisher() for pod in pods(capture)}
+    sub = rig.subscriber(ix, pods=[PodEndpoint(p.endpoint) for p in pubs.values()], probe=pubs.values())
+    for msg in capture["messages"]:
+        pubs[msg["pod"]].send_wait(sub, msg["frames"])
+    for pod in pubs:
+        for prompt in ("P1", "P2", "P3"):
+            assert matched(ix, capture["model"], capture["prompts"][prompt], pod) == 0
+    stores = sum(1 for m in capture["messages"] for e in m["decoded"][1] if e["type"] == "BlockStored")
+    assert ix.counters()["block_size_mismatches"] == stores
+    assert all(s["decode_errors"] > 0 for s in sub.pod_states())
+
+
+def test_sglang_default_empty_topic_never_reaches_the_index(rig: Rig) -> None:
+    """SGLang's ``topic`` defaults to "": such messages do not start with the subscription
+    prefix ``kv@``, so ZMQ's own filter drops them before the subscriber sees them, and the pod
+    stays without index state (``GET /pods`` shows it silent); the operator sets
+    ``"topic": "kv@<ip:port>@<model>"``. The same frames with a topic are applied."""
+    capture = load("0.5.23")
+    ix = indexer(rig, capture)
+    pub = rig.publisher()
+    pod = "10.0.0.1:30000"
+    sub = rig.subscriber(ix, pods=[PodEndpoint(pub.endpoint, pod_id=pod)], probe=[pub])
+    mine = [m for m in capture["messages"] if m["pod"] == pod]
+    for msg in mine[:2]:
+        pub.send([b"", *msg["frames"][1:]])
+    pub.probe(sub)  # anything published before the probe has been delivered by now
+    assert sub.stats()["messages_applied"] == 0
+    assert ix.pod_state(pod) is None
+    pub.send_wait(sub, mine[0]["frames"])
+    assert sub.stats()["messages_applied"] == 1 and ix.pod_state(pod) is not None
