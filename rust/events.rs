@@ -286,9 +286,11 @@ fn read_field(r: &mut Reader<'_>, f: Field, out: &mut Fields) -> Result<()> {
         Field::Parent => s.parent_block_hash = opt_hash(r)?,
         Field::TokenIds => s.token_ids = tokens(r)?,
         Field::BlockSize => {
+            // 0 is "not set" (llm-d-inference-sim leaves it unset): the size then follows from
+            // the token and hash counts, as for nil
             s.block_size = match opt_int(r)? {
-                Some(b) if b > 0 && b <= u32::MAX as i64 => b as u32,
-                Some(b) => return Err(Error::decode(DecodeKind::BlockSize, format!("block_size {b} is not positive"))),
+                Some(b) if (0..=u32::MAX as i64).contains(&b) => b as u32,
+                Some(b) => return Err(Error::decode(DecodeKind::BlockSize, format!("block_size {b} is negative"))),
                 None => 0,
             }
         }
@@ -552,6 +554,23 @@ mod tests {
         assert_eq!(event(Some(9), Some("s"), None).extra_keys, None);
         assert_eq!(event(None, None, None).extra_keys, None);
         assert_eq!(event(None, Some(""), None).extra_keys, None);
+    }
+
+    #[test]
+    fn zero_block_size_is_unset_and_negative_is_refused() {
+        // ["BlockStored", [7], nil, [], B]
+        let event = |b: &[u8]| {
+            let mut a = arr(5);
+            a.extend(s("BlockStored"));
+            a.extend([0x91, 0x07, 0xc0, 0x90]);
+            a.extend(b);
+            decode_event(&mut Reader::new(&a))
+        };
+        let Event::BlockStored(st) = event(&[0x00]).unwrap() else { panic!() };
+        assert_eq!(st.block_size, 0);
+        let Event::BlockStored(st) = event(&[0x10]).unwrap() else { panic!() };
+        assert_eq!(st.block_size, 16);
+        assert!(event(&[0xff]).is_err()); // -1
     }
 
     #[test]

@@ -619,7 +619,7 @@ MALFORMED = {
     "wrong-ts": enc(["yesterday", [stored(KEYS, None, TOKENS)], 0]),
     "tokens-out-of-range": enc([1.0, [stored(KEYS, None, [2**40] * 64)], 0]),
     "negative-tokens": enc([1.0, [stored(KEYS, None, [-1] * 64)], 0]),
-    "block-size-zero": enc([1.0, [stored(KEYS, None, TOKENS, block_size=0)], 0]),
+    "block-size-negative": enc([1.0, [stored(KEYS, None, TOKENS, block_size=-16)], 0]),
     "block-size-huge": enc([1.0, [stored(KEYS, None, TOKENS, block_size=2**40)], 0]),
     "ext-type": b"\x93\xd4\x01\x00\x90\xc0",
 }
