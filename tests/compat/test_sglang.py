@@ -48,7 +48,9 @@ def check(ix: Indexer, capture: dict[str, Any], expect: dict[str, dict[str, int]
     for pod, per_prompt in expect.items():
         for prompt, pages in per_prompt.items():
             salt = capture["cache_salts"].get(prompt)
-            scores = ix.score(capture["model"], capture["prompts"][prompt], cache_salt=salt, pods=[pod]).scores
+            lora = capture.get("lora_names", {}).get(prompt)
+            tokens = capture["prompts"][prompt]
+            scores = ix.score(capture["model"], tokens, lora_name=lora, cache_salt=salt, pods=[pod]).scores
             got = next(s.matched_blocks for s in scores if s.pod == pod)
             assert got == pages, f"{pod} {prompt}: {got} blocks, expected {pages}"
 
@@ -110,6 +112,25 @@ def test_salted_store_matches_only_under_its_salt(rig: Rig) -> None:
     salted = ix.score(capture["model"], tokens, cache_salt="tenant-a", pods=[pod]).scores[0].matched_blocks
     other = ix.score(capture["model"], tokens, cache_salt="tenant-b", pods=[pod]).scores[0].matched_blocks
     assert (salted, matched(ix, capture["model"], tokens, pod), other) == (full, 2, 0)
+
+
+def test_lora_store_matches_only_under_its_adapter(rig: Rig) -> None:
+    """0.5.23's ``lora_name``: P2 cached for an adapter is held in full for requests naming it,
+    and is no match for the base model or another adapter."""
+    capture = load("0.5.23")
+    msg = next(m for m in capture["messages"] if "LoRA" in m["what"])
+    stored = [e for e in msg["decoded"][1] if e["type"] == "BlockStored"]
+    assert stored and all(e["lora_name"] == capture["lora_names"]["P2+lora"] for e in stored)
+    ix = indexer(rig, capture)
+    pub = rig.publisher()
+    sub = rig.subscriber(ix, pods=[PodEndpoint(pub.endpoint)], probe=[pub])
+    pub.send_wait(sub, msg["frames"])  # a chain root: needs nothing before it
+    pod, tokens = msg["pod"], capture["prompts"]["P2"]
+
+    def blocks(lora: str | None) -> int:
+        return ix.score(capture["model"], tokens, lora_name=lora, pods=[pod]).scores[0].matched_blocks
+
+    assert (blocks("sql-adapter"), blocks(None), blocks("other")) == (len(tokens) // capture["page_size"], 0, 0)
 
 
 @pytest.mark.parametrize("version", SUPPORTED)

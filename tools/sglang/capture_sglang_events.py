@@ -48,6 +48,8 @@ PAGE = 16
 MODEL = "meta-llama/Llama-3.2-3B-Instruct"
 PODS = ("10.0.0.1:30000", "10.0.0.2:30000")
 SALT = "tenant-a"
+LORA_NAME = "sql-adapter"
+LORA_ID = "0123456789abcdef0123456789abcdef"  # SGLang's lora_id: a uuid hex string
 # Modules imported for real; every other sglang module, torch and the GPU stacks are stand-ins.
 REAL = (
     "sglang.srt.disaggregation.kv_events",
@@ -167,8 +169,13 @@ class Engine:
         if version < (0, 5):
             self.cache = rc.RadixCache(None, _Pool(), page_size=PAGE, disable=False, enable_kv_cache_events=True)
         elif hasattr(rc.RadixCache, "create_simulated"):
+            from sglang.srt.mem_cache.events import KvEventLoraNames
+
+            # the scheduler registers each LoRA request's namespace with its adapter's name
+            self.lora_names = KvEventLoraNames()
+            self.lora_names.register(types.SimpleNamespace(lora_id=LORA_ID, extra_key=LORA_ID), LORA_NAME)
             self.cache = rc.RadixCache.create_simulated(
-                mock_allocator=_Pool(), page_size=PAGE, enable_kv_cache_events=True
+                mock_allocator=_Pool(), page_size=PAGE, enable_kv_cache_events=True, kv_event_lora_names=self.lora_names
             )
         else:
             from sglang.srt.mem_cache.cache_init_params import CacheInitParams
@@ -188,14 +195,15 @@ class Engine:
             topic=f"kv@{pod}@{MODEL}",
         )
 
-    def key(self, tokens: list[int], salt: str | None = None) -> Any:
+    def key(self, tokens: list[int], salt: str | None = None, lora: str | None = None) -> Any:
         if self.version < (0, 5):
             return list(tokens)
-        if salt is not None:
-            return self.rc.RadixKey(array("q", tokens), cache_salt=salt)
+        if salt is not None or lora is not None:
+            # a LoRA request's extra_key ends with its adapter's lora_id (here: is it)
+            return self.rc.RadixKey(array("q", tokens), cache_salt=salt, extra_key=lora)
         return self.rc.RadixKey(array("q", tokens) if self.version >= (0, 5, 20) else list(tokens))
 
-    def insert(self, tokens: list[int], salt: str | None = None) -> None:
+    def insert(self, tokens: list[int], salt: str | None = None, lora: str | None = None) -> None:
         """A finished request: its page-aligned prefix goes into the tree (``cache_finished_req``)."""
         tokens = tokens[: len(tokens) // PAGE * PAGE]
         if self.version < (0, 5):
@@ -203,7 +211,7 @@ class Engine:
         else:
             from sglang.srt.mem_cache.base_prefix_cache import InsertParams
 
-            self.cache.insert(InsertParams(key=self.key(tokens, salt)))
+            self.cache.insert(InsertParams(key=self.key(tokens, salt, lora)))
 
     def evict(self, n_tokens: int) -> None:
         if self.version < (0, 5):
@@ -221,14 +229,15 @@ class Engine:
         """One scheduler step: whatever the cache recorded goes out as one batch."""
         self.pub.publish(self.ke.KVEventBatch(ts=time.time(), events=self.take()))
 
-    def held_pages(self, tokens: list[int], salt: str | None = None) -> int:
-        """Leading full pages of ``tokens`` (in ``salt``'s namespace) in the tree, node by node."""
+    def held_pages(self, tokens: list[int], salt: str | None = None, lora: str | None = None) -> int:
+        """Leading full pages of ``tokens`` (in the namespace of ``salt`` and the LoRA id) in the
+        tree, node by node."""
         node, pos = self.cache.root_node, 0
         while pos < len(tokens):
             nxt = None
             for child in node.children.values():
                 ck = child.key
-                if getattr(ck, "cache_salt", None) != salt:
+                if getattr(ck, "cache_salt", None) != salt or getattr(ck, "extra_key", None) != lora:
                     continue
                 toks = list(ck.token_ids[: len(ck)]) if hasattr(ck, "token_ids") else list(ck)
                 if toks and toks[0] == tokens[pos]:
@@ -296,8 +305,10 @@ def capture(root: Path, version_text: str) -> dict[str, Any]:
     prompts = _prompts()
     salted = version >= (0, 5, 20)  # RadixKey.cache_salt: the tree and the events are namespaced by it
     salts = {"P1+salt": SALT} if salted else {}
+    loras = {"P2+lora": LORA_NAME} if salted else {}
     if salted:
         prompts["P1+salt"] = prompts["P1"]
+        prompts["P2+lora"] = prompts["P2"]
     first, second = PODS
     a, b = engines[first], engines[second]
     messages: list[dict[str, Any]] = []
@@ -315,7 +326,8 @@ def capture(root: Path, version_text: str) -> dict[str, Any]:
                 "seq": int.from_bytes(seq, "big"),
                 "decoded": _decode(payload),
                 "expect_after": {
-                    p: {k: e.held_pages(t, salts.get(k)) for k, t in prompts.items()} for p, e in engines.items()
+                    p: {k: e.held_pages(t, salts.get(k), LORA_ID if k in loras else None) for k, t in prompts.items()}
+                    for p, e in engines.items()
                 },
             }
         )
@@ -339,6 +351,8 @@ def capture(root: Path, version_text: str) -> dict[str, Any]:
     if salted:
         b.insert(prompts["P1"], SALT)
         step(b, second, "P1 cached under a cache_salt on the second pod")
+        a.insert(prompts["P2"], lora=LORA_ID)
+        step(a, first, "P2 cached for a LoRA adapter")
     b.cache.reset()
     step(b, second, "cache reset")
 
@@ -363,6 +377,7 @@ def capture(root: Path, version_text: str) -> dict[str, Any]:
         "tokenizer": "Llama 3.2 tokenizer.json",
         "prompts": prompts,
         "cache_salts": salts,
+        "lora_names": loras,
         "messages": messages,
         "replay_from_seq_2_of_first_pod": {
             "pod": first,
@@ -371,7 +386,7 @@ def capture(root: Path, version_text: str) -> dict[str, Any]:
         },
         "expect_note": (
             "expect_after[pod][prompt] = leading full pages of that prompt the pod's radix tree holds after"
-            " the message (a prompt named in cache_salts is looked up under that salt)"
+            " the message (a prompt named in cache_salts or lora_names is looked up under that salt or adapter)"
         ),
     }
 
