@@ -20,7 +20,7 @@ seq 2 of the first pod is sent to its real replay ROUTER and the reply frames ar
     python tools/sglang/capture_sglang_events.py /tmp/sgl/0.5.23 0.5.23
     python tools/sglang/capture_sglang_events.py /tmp/sgl/0.5.23 0.5.23 1   # SGLang's default page size
 
-Needs ``msgspec``, ``pyzmq`` and ``pydantic`` (SGLang's own publisher dependencies) and, from
+Needs ``msgspec``, ``pyzmq`` and ``pydantic`` (SGLang's own publisher dependencies), ``msgpack``, and, from
 0.5.23 on, ``pybind11`` and OpenSSL headers: SGLang hashes pages in a C++ extension
 (``mem_cache/cpp_utils/hash_binding.cpp``) that it builds at run time with torch; this script
 builds the same file with pybind11 instead.
