@@ -140,6 +140,7 @@ class EndpointWatch:
         self._pod_handler: _PodHandler | None = None
         self._pool_loop: ListWatch | None = None
         self._endpoints: list[str] = []
+        self._published = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -269,6 +270,7 @@ class EndpointWatch:
                 why = f" ({action.reason})" if isinstance(action, Unsubscribe) else ""
                 log.info("endpoint pod %s %s: %s%s", action.target.name, verb, ", ".join(action.target.pod_ids), why)
             endpoints = sorted(ep for t in self.reconciler.targets() for ep in t.pod_ids)
-            if endpoints != self._endpoints:
+            if endpoints != self._endpoints or not self._published:
                 self._endpoints = endpoints
+                self._published = True
                 self.on_change(list(endpoints))

@@ -22,7 +22,7 @@ CODE = "import sys; from kvindex_service.cli import main; sys.exit(main(['extpro
 
 def _extproc(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", CODE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-c", CODE, "--health-port", "0", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
 
 
@@ -114,7 +114,7 @@ def test_tls_key_not_matching_the_certificate_is_one_line(certs: Certs) -> None:
 def _start_until_ready(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
     """Run the picker until it logs ``picker ready``; return the process and its stderr lines."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CODE, "--host", "127.0.0.1", "--port", "0", *args],
+        [sys.executable, "-c", CODE, "--host", "127.0.0.1", "--port", "0", "--health-port", "0", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
