@@ -22,7 +22,11 @@ CODE = "import sys; from kvindex_service.cli import main; sys.exit(main(['extpro
 
 def _extproc(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", CODE, "--health-port", "0", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-c", CODE, "--health-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
