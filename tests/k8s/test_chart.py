@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.k8s.conftest import ADMIN_TOKEN, ControlPlane
+from tests.k8s.conftest import ADMIN_TOKEN, GAIE_CRD, ControlPlane
 from tests.k8s.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -450,51 +450,9 @@ def _crd(group: str, kind: str, plural: str, spec_schema: dict[str, Any]) -> dic
     }
 
 
-_LABEL_SELECTOR = {
-    "type": "object",
-    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
-    "required": ["matchLabels"],
-}
-# InferencePool v1's spec as the Gateway API Inference Extension defines it (the fields, their
-# types, enums and required ones), so strict validation catches a misspelt or misplaced field.
-INFERENCE_POOL_CRD = _crd(
-    "inference.networking.k8s.io",
-    "InferencePool",
-    "inferencepools",
-    {
-        "type": "object",
-        "properties": {
-            "selector": _LABEL_SELECTOR,
-            "targetPorts": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 8,
-                "items": {
-                    "type": "object",
-                    "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}},
-                    "required": ["number"],
-                },
-            },
-            "appProtocol": {"type": "string", "enum": ["http", "kubernetes.io/h2c"]},
-            "endpointPickerRef": {
-                "type": "object",
-                "properties": {
-                    "group": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "name": {"type": "string", "minLength": 1},
-                    "port": {
-                        "type": "object",
-                        "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}},
-                        "required": ["number"],
-                    },
-                    "failureMode": {"type": "string", "enum": ["FailOpen", "FailClose"]},
-                },
-                "required": ["name"],
-            },
-        },
-        "required": ["selector", "targetPorts", "endpointPickerRef"],
-    },
-)
+# InferencePool v1 is GAIE's own CRD (v1.5.0, vendored in tests/k8s/fixtures), so strict
+# validation catches a misspelt or misplaced field exactly as a cluster running GAIE would.
+INFERENCE_POOL_CRD: dict[str, Any] = yaml.safe_load(GAIE_CRD.read_text(encoding="utf-8"))
 # prometheus-operator's CRDs are large; these check only the object's envelope and spec's type.
 SERVICE_MONITOR_CRD = _crd(
     "monitoring.coreos.com",
