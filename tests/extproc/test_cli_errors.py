@@ -72,6 +72,12 @@ BAD_FLAGS = [
         ["--scorer-token-file", "/nonexistent/t"],
     ),
     (["--config", "/nonexistent/picker.yaml"], ["--config", "/nonexistent/picker.yaml"]),
+    (["--health-port", "70000"], ["--health-port", "70000"]),
+    (["--endpoint-selector", "app=vllm"], ["--endpoint-selector", "--endpoint-target-ports"]),
+    (["--endpoint-target-ports", "8000,x"], ["--endpoint-target-ports", "'x'"]),
+    (["--pool-name", "p", "--endpoint-selector", "app=x"], ["--pool-name", "--endpoint-selector"]),
+    (["--pool-name", "p", "--endpoint", "10.0.0.1:8000"], ["--endpoint", "not with a pool"]),
+    (["--pool-name", "p", "--kubeconfig", "/nonexistent/kubeconfig"], ["no Kubernetes configuration", "/nonexistent"]),
 ]
 
 
