@@ -113,6 +113,10 @@ class ListWatch:
         return self._stop.is_set()
 
     @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    @property
     def synced(self) -> bool:
         """The first list has been handed to the handler."""
         return self._synced.is_set()
@@ -241,6 +245,11 @@ class Discovery:
     def synced(self) -> bool:
         """The first list has been applied (every Ready pod found then is subscribed)."""
         return self._loop is not None and self._loop.synced
+
+    def threads(self) -> list[threading.Thread]:
+        """The watch and timer threads (started ones)."""
+        found = [self._loop.thread if self._loop else None, self._timer_thread]
+        return [t for t in found if t is not None]
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
