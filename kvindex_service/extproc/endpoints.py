@@ -32,13 +32,14 @@ __all__ = ["EndpointSet", "start_endpoint_watch"]
 class _View:
     order: tuple[str, ...]
     by_canonical: dict[str, str]
+    members: frozenset[str]
 
     @classmethod
     def of(cls, endpoints: Iterable[str]) -> _View:
         by: dict[str, str] = {}
         for ep in endpoints:
             by.setdefault(canonical_endpoint(ep), ep)
-        return cls(tuple(by.values()), by)
+        return cls(tuple(by.values()), by, frozenset(by.values()))
 
 
 class EndpointSet:
@@ -70,8 +71,11 @@ class EndpointSet:
         self.changes += 1
 
     def known(self, endpoint: str) -> bool:
+        view = self._view
+        if endpoint in view.members:
+            return True
         try:
-            return canonical_endpoint(endpoint) in self._view.by_canonical
+            return canonical_endpoint(endpoint) in view.by_canonical
         except ValueError:
             return False
 
@@ -84,10 +88,12 @@ class EndpointSet:
         out: list[str] = []
         missing = 0
         for entry in hint:
-            try:
-                ep = by.get(canonical_endpoint(entry))
-            except ValueError:
-                ep = None
+            ep = by.get(entry)  # the hint filter hands over canonical entries
+            if ep is None:
+                try:
+                    ep = by.get(canonical_endpoint(entry))
+                except ValueError:
+                    ep = None
             if ep is None:
                 missing += 1
             elif ep not in out:
