@@ -85,7 +85,7 @@ class EndpointSet:
         if self.hint_only:
             return list(dict.fromkeys(hint)), 0
         by = self._view.by_canonical
-        out: list[str] = []
+        out: dict[str, None] = {}  # ordered, and O(1) de-duplication (hints run to thousands)
         missing = 0
         for entry in hint:
             ep = by.get(entry)  # the hint filter hands over canonical entries
@@ -96,9 +96,9 @@ class EndpointSet:
                     ep = None
             if ep is None:
                 missing += 1
-            elif ep not in out:
-                out.append(ep)
-        return out, missing
+            else:
+                out[ep] = None
+        return list(out), missing
 
 
 def start_endpoint_watch(config: ExtprocConfig, endpoints: EndpointSet) -> EndpointWatch | None:
