@@ -1,8 +1,10 @@
-"""Talking to the Kubernetes API server: client configuration, namespace, pod list and watch.
+"""Talking to the Kubernetes API server: client configuration, namespace, list and watch.
 
-Only I/O lives here; the decisions are in ``reconcile.py``. Pods travel as the API server's
-JSON (plain dicts), never as the client's generated models: cheaper, and the reconciler's unit
-tests feed the same shapes.
+Only I/O lives here; the decisions are in ``reconcile.py`` (pods) and ``endpoints.py`` (a GAIE
+``InferencePool``). Objects travel as the API server's JSON (plain dicts), never as the
+client's generated models: cheaper, and the unit tests feed the same shapes. One
+:class:`ObjectApi` lists and watches one kind of object; :class:`PodApi` (pods by label
+selector) and :func:`pool_api` (InferencePools by name) are the two kinds kvindex watches.
 """
 
 from __future__ import annotations
@@ -10,20 +12,29 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "POOL_GROUP",
+    "POOL_PLURAL",
+    "POOL_VERSION",
     "SA_NAMESPACE_FILE",
     "Gone",
     "KubeError",
+    "ObjectApi",
     "PodApi",
     "load_api",
+    "load_client",
+    "pool_api",
 ]
 
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _CONNECT_TIMEOUT = 5.0
+POOL_GROUP = "inference.networking.k8s.io"
+POOL_VERSION = "v1"
+POOL_PLURAL = "inferencepools"
 
 
 class KubeError(Exception):
@@ -39,7 +50,15 @@ def _in_cluster() -> bool:
 
 
 def load_api(kubeconfig: str | None, namespace: str | None) -> tuple[PodApi, str]:
-    """A pod API client and the namespace to watch.
+    """A pod API client and the namespace to watch (see :func:`load_client`)."""
+    from kubernetes import client
+
+    api_client, ns = load_client(kubeconfig, namespace)
+    return PodApi(client.CoreV1Api(api_client)), ns
+
+
+def load_client(kubeconfig: str | None, namespace: str | None) -> tuple[Any, str]:
+    """A ``kubernetes.client.ApiClient`` and the namespace to watch.
 
     Configuration: the in-cluster service account when running in a pod (and no
     ``kubeconfig`` is given), else ``kubeconfig`` or ``$KUBECONFIG`` or ``~/.kube/config``.
@@ -66,7 +85,7 @@ def load_api(kubeconfig: str | None, namespace: str | None) -> tuple[PodApi, str
     except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config (not in a cluster)"
         raise ValueError(f"no Kubernetes configuration ({where}): {' '.join(str(exc).split())}") from None
-    return PodApi(client.CoreV1Api(client.ApiClient(cfg))), ns or "default"
+    return client.ApiClient(cfg), ns or "default"
 
 
 def _body(resp: Any) -> Any:
@@ -95,21 +114,26 @@ def _lines(resp: Any) -> Iterator[bytes]:
         yield buffer
 
 
-class PodApi:
-    """List and watch the pods of one namespace matching a label selector."""
+class ObjectApi:
+    """List and watch the objects of one kind in one namespace matching a selector.
 
-    def __init__(self, core: Any) -> None:
-        self._core = core
+    ``list_call(namespace, **kwargs)`` is the client's list method for the kind (it takes
+    ``watch``, ``resource_version``, ``label_selector`` / ``field_selector``...); ``selector``
+    arguments go to ``selector_arg``."""
+
+    def __init__(self, list_call: Callable[..., Any], selector_arg: str = "label_selector") -> None:
+        self._call = list_call
+        self._selector_arg = selector_arg
         self._resp: Any = None
 
     def list(self, namespace: str, selector: str) -> tuple[list[dict[str, Any]], str]:
-        """Every matching pod and the list's resourceVersion."""
+        """Every matching object and the list's resourceVersion."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            resp = self._core.list_namespaced_pod(
+            resp = self._call(
                 namespace,
-                label_selector=selector,
+                **{self._selector_arg: selector},
                 _preload_content=False,
                 _request_timeout=(_CONNECT_TIMEOUT, 60.0),
             )
@@ -127,9 +151,9 @@ class PodApi:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            resp = self._core.list_namespaced_pod(
+            resp = self._call(
                 namespace,
-                label_selector=selector,
+                **{self._selector_arg: selector},
                 watch=True,
                 resource_version=resource_version,
                 allow_watch_bookmarks=True,
@@ -170,3 +194,28 @@ class PodApi:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class PodApi(ObjectApi):
+    """Pods of one namespace matching a label selector (``core`` is a ``CoreV1Api``)."""
+
+    def __init__(self, core: Any) -> None:
+        super().__init__(core.list_namespaced_pod)
+        self._core = core
+
+    def fork(self) -> PodApi:
+        """Another PodApi on the same client (one watch connection each)."""
+        return PodApi(self._core)
+
+
+def pool_api(api_client: Any) -> ObjectApi:
+    """GAIE ``InferencePool`` objects (``inference.networking.k8s.io/v1``); the selector is a
+    field selector such as ``metadata.name=NAME``."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client)
+
+    def call(namespace: str, **kwargs: Any) -> Any:
+        return custom.list_namespaced_custom_object(POOL_GROUP, POOL_VERSION, namespace, POOL_PLURAL, **kwargs)
+
+    return ObjectApi(call, "field_selector")

@@ -14,7 +14,13 @@ as the API server's JSON (``metadata``/``status`` dicts, camelCase keys) and car
   time;
 * a pod whose IP (or uid: deleted and re-created under the same name) changes is a new pod:
   the old subscription goes, then the new one comes;
-* a full list (:meth:`Reconciler.replace`, after a resync) forgets the pods it no longer holds.
+* a full list (:meth:`Reconciler.replace`, after a resync) forgets the pods it no longer holds;
+* new ports (:meth:`Reconciler.set_ports`: an InferencePool's ``targetPorts`` changed) re-make
+  every target whose endpoints they change.
+
+What a pod's IP becomes is the ``ports`` object's business (an :class:`EndpointMap`):
+:class:`Ports` makes vLLM publisher endpoints (the scoring service), :class:`TargetPorts` makes
+serving endpoints ``podIP:port`` (the picker, from a GAIE InferencePool).
 
 Every method takes ``now`` (monotonic seconds) from the caller, so tests drive the clock.
 """
@@ -24,17 +30,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from kvindex_service.events import PodEndpoint
 
 __all__ = [
     "POD_STATES",
     "Action",
+    "EndpointMap",
     "Ports",
     "Reconciler",
     "Subscribe",
     "Target",
+    "TargetPorts",
     "Unsubscribe",
     "pod_ip",
     "pod_ready",
@@ -47,6 +55,24 @@ POD_STATES: tuple[PodStateName, ...] = ("subscribed", "unready", "pending", "fai
 (retried)."""
 
 _RETRY_SECONDS = 5.0
+
+
+class EndpointMap(Protocol):
+    """What a Ready pod's IP becomes."""
+
+    def endpoints(self, ip: str) -> tuple[PodEndpoint, ...]: ...
+
+
+@dataclass(frozen=True)
+class TargetPorts:
+    """Serving endpoints ``podIP:port``, one per port (a GAIE InferencePool's ``targetPorts``);
+    ``endpoint`` and ``pod_id`` are both that string."""
+
+    ports: tuple[int, ...]
+
+    def endpoints(self, ip: str) -> tuple[PodEndpoint, ...]:
+        host = f"[{ip}]" if ":" in ip else ip
+        return tuple(PodEndpoint(endpoint=f"{host}:{p}", pod_id=f"{host}:{p}") for p in self.ports)
 
 
 @dataclass(frozen=True)
@@ -140,7 +166,7 @@ class Reconciler:
     """Desired subscriptions (from pod objects) against current ones. Not thread-safe: the
     caller serialises calls and applies each call's actions before the next call."""
 
-    def __init__(self, ports: Ports, *, unready_grace: float = 30.0, retry: float = _RETRY_SECONDS) -> None:
+    def __init__(self, ports: EndpointMap, *, unready_grace: float = 30.0, retry: float = _RETRY_SECONDS) -> None:
         if not (0 <= unready_grace < math.inf):
             raise ValueError("unready_grace must be a non-negative number of seconds")
         self.ports = ports
@@ -183,6 +209,20 @@ class Reconciler:
                 actions.append(Unsubscribe(st.target, "deleted"))
         for pod in pods:
             actions.extend(self.upsert(pod, now))
+        actions.sort(key=lambda a: isinstance(a, Subscribe))
+        return actions
+
+    def set_ports(self, ports: EndpointMap, now: float) -> list[Action]:
+        """Map IPs with ``ports`` from now on: targets whose endpoints change are dropped, then
+        made again (removals first, as in :meth:`replace`)."""
+        self.ports = ports
+        actions: list[Action] = []
+        for st in self._pods.values():
+            if st.target is not None and st.target.endpoints != ports.endpoints(st.target.ip):
+                actions.append(Unsubscribe(st.target, "ports changed"))
+                st.target = None
+        for st in self._pods.values():
+            actions.extend(self._settle(st, now))
         actions.sort(key=lambda a: isinstance(a, Subscribe))
         return actions
 

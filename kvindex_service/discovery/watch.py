@@ -1,17 +1,19 @@
 """Pod discovery's I/O: list + watch the API server, carry out the reconciler's actions.
 
-Two daemon threads, because the ``kubernetes`` client blocks:
+:class:`ListWatch` is the loop every watcher here shares (the scoring service's pod
+discovery, and the picker's InferencePool and pod watches in ``endpoints.py``): on its own
+daemon thread, because the ``kubernetes`` client blocks, it lists (resourceVersion R), then
+watches from R; a watch the server ends (``timeout_seconds``) is re-opened from the last
+resourceVersion seen; 410 Gone re-lists at once (a *resync*); any other failure counts a watch
+error, waits (doubling backoff, capped) and re-lists, so nothing that changed while
+disconnected is missed. ``stop`` sets a flag and cuts the watch connection, so shutdown does
+not wait for the server's watch timeout.
 
-* ``kvindex-discovery``: list (resourceVersion R), then watch from R; a watch the server ends
-  (``timeout_seconds``) is re-opened from the last resourceVersion seen; 410 Gone re-lists at
-  once (a *resync*); any other failure counts a watch error, waits (doubling backoff, capped)
-  and re-lists, so nothing that changed while disconnected is missed;
-* ``kvindex-discovery-timer``: runs :meth:`Reconciler.tick` for the unready grace and retries.
-
-Both hand the reconciler's actions to the :class:`~kvindex_service.events.Subscriber` through
-its thread-safe ``add_pod`` / ``remove_pod`` (``remove_pod`` also purges the pod's blocks), one
-call at a time under one lock. ``stop`` sets a flag and cuts the watch connection, so shutdown
-does not wait for the server's watch timeout.
+:class:`Discovery` runs one ListWatch over pods plus a timer thread
+(``kvindex-discovery-timer``: :meth:`Reconciler.tick` for the unready grace and retries), and
+hands the reconciler's actions to the :class:`~kvindex_service.events.Subscriber` through its
+thread-safe ``add_pod`` / ``remove_pod`` (``remove_pod`` also purges the pod's blocks), one
+call at a time under one lock.
 """
 
 from __future__ import annotations
@@ -19,22 +21,159 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
-from kvindex_service.discovery.kube import Gone, PodApi, load_api
+from kvindex_service.discovery.kube import Gone, load_api
 from kvindex_service.discovery.reconcile import Action, Ports, Reconciler, Subscribe, Target, Unsubscribe
 
 if TYPE_CHECKING:
     from kvindex_service.config import DiscoverySettings
     from kvindex_service.events import Subscriber
 
-__all__ = ["Discovery"]
+__all__ = ["Discovery", "ListWatch", "WatchApi", "WatchHandler"]
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN = 0.2
 _BACKOFF_MAX = 30.0
 _TICK_MAX = 0.5
+
+
+class WatchApi(Protocol):
+    """What :class:`ListWatch` needs from the API (:class:`~.kube.ObjectApi` and test fakes)."""
+
+    def list(self, namespace: str, selector: str) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch(self, namespace: str, selector: str, resource_version: str, timeout: int) -> Iterator[dict[str, Any]]: ...
+
+    def interrupt(self) -> None: ...
+
+
+class WatchHandler(Protocol):
+    """Receives what a :class:`ListWatch` sees, one call at a time, on its thread."""
+
+    def replace(self, objects: list[dict[str, Any]]) -> None:
+        """A full list: objects missing from it are gone."""
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        """An ADDED or MODIFIED object."""
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        """A DELETED object."""
+
+
+class ListWatch:
+    """List, then watch, one kind of object in one namespace matching ``selector``, until
+    :meth:`stop`; every list and event goes to ``handler``."""
+
+    def __init__(
+        self,
+        api: WatchApi,
+        namespace: str,
+        selector: str,
+        handler: WatchHandler,
+        *,
+        watch_timeout: int = 300,
+        name: str = "kvindex-watch",
+        what: str = "objects",
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.selector = selector
+        self._handler = handler
+        self._timeout = watch_timeout
+        self._name = name
+        self._what = what
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._synced = threading.Event()
+        self.lists = 0
+        self.resyncs = 0
+        """Lists after the first one (410 Gone, reconnects)."""
+        self.watch_errors = 0
+        self.events = 0
+        self.resource_version: str | None = None
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.api.interrupt()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("watch thread %s did not stop within %.1fs", self._name, timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    @property
+    def synced(self) -> bool:
+        """The first list has been handed to the handler."""
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._synced.wait(timeout)
+
+    def _run(self) -> None:
+        backoff = _BACKOFF_MIN
+        while not self._stop.is_set():
+            try:
+                rv = self._list()
+                backoff = _BACKOFF_MIN
+                while not self._stop.is_set():
+                    rv = self._watch(rv)
+            except Gone as exc:
+                log.info("watch of %s: %s; listing again", self._what, exc)
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                self.watch_errors += 1
+                self.last_error = " ".join(str(exc).split())[:300] or type(exc).__name__
+                log.warning("watch of %s failed (%s); re-listing in %.1fs", self._what, self.last_error, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _list(self) -> str:
+        objects, rv = self.api.list(self.namespace, self.selector)
+        if self.lists:
+            self.resyncs += 1
+        self.lists += 1
+        if self._stop.is_set():
+            return rv
+        self._handler.replace(objects)
+        self.resource_version = rv
+        self._synced.set()
+        log.debug("listed %d %s at resourceVersion %s", len(objects), self._what, rv)
+        return rv
+
+    def _watch(self, rv: str) -> str:
+        """One watch request; returns the resourceVersion to continue from."""
+        for event in self.api.watch(self.namespace, self.selector, rv, self._timeout):
+            if self._stop.is_set():
+                break
+            kind = event.get("type")
+            obj = event.get("object") or {}
+            new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                self.events += 1
+                if kind == "DELETED":
+                    self._handler.delete(obj)
+                else:
+                    self._handler.upsert(obj)
+            if new_rv:
+                rv = str(new_rv)
+                self.resource_version = rv
+        return rv
 
 
 class Discovery:
@@ -47,7 +186,7 @@ class Discovery:
         settings: DiscoverySettings,
         subscriber: Subscriber,
         *,
-        api: PodApi | None = None,
+        api: WatchApi | None = None,
         namespace: str | None = None,
     ) -> None:
         if not settings.label_selector:
@@ -68,15 +207,8 @@ class Discovery:
         )
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self.resyncs = 0
-        """Lists after the first one (410 Gone, reconnects)."""
-        self.watch_errors = 0
-        self.lists = 0
-        self.events = 0
-        self.resource_version: str | None = None
-        self.last_error: str | None = None
-        self._synced = threading.Event()
+        self._loop: ListWatch | None = None
+        self._timer_thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -85,88 +217,88 @@ class Discovery:
             self._api, self.namespace = load_api(self.settings.kubeconfig, self.namespace)
         elif self.namespace is None:
             self.namespace = "default"
-        for target, name in ((self._run, "kvindex-discovery"), (self._timer, "kvindex-discovery-timer")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._loop = ListWatch(
+            self._api,
+            self.namespace,
+            self.selector,
+            self,
+            watch_timeout=self.settings.watch_timeout,
+            name="kvindex-discovery",
+            what="pods",
+        )
+        self._loop.start()
+        self._timer_thread = threading.Thread(target=self._timer, name="kvindex-discovery-timer", daemon=True)
+        self._timer_thread.start()
         log.info("pod discovery started: namespace=%s selector=%r", self.namespace, self.selector)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop both threads (the watch connection is cut). Subscriptions stay: the subscriber
         is stopped right after by the runtime."""
         self._stop.set()
-        if self._api is not None:
-            self._api.interrupt()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                log.warning("discovery thread %s did not stop within %.1fs", thread.name, timeout)
+        if self._loop is not None:
+            self._loop.stop(timeout)
+        if self._timer_thread is not None:
+            self._timer_thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def synced(self) -> bool:
         """The first list has been applied (every Ready pod found then is subscribed)."""
-        return self._synced.is_set()
+        return self._loop is not None and self._loop.synced
+
+    def threads(self) -> list[threading.Thread]:
+        """The watch and timer threads (started ones)."""
+        found = [self._loop.thread if self._loop else None, self._timer_thread]
+        return [t for t in found if t is not None]
 
     def wait_synced(self, timeout: float) -> bool:
-        return self._synced.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while self._loop is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return self._loop.wait_synced(max(0.0, deadline - time.monotonic()))
 
-    # -- the watch thread --------------------------------------------------------------------
+    # -- the loop's counters -----------------------------------------------------------------
 
-    def _run(self) -> None:
-        backoff = _BACKOFF_MIN
-        while not self._stop.is_set():
-            try:
-                rv = self._list()
-                backoff = _BACKOFF_MIN
-                while not self._stop.is_set():
-                    rv = self._watch(rv)
-            except Gone as exc:
-                log.info("discovery: %s; listing again", exc)
-            except Exception as exc:
-                if self._stop.is_set():
-                    break
-                self.watch_errors += 1
-                self.last_error = " ".join(str(exc).split())[:300] or type(exc).__name__
-                log.warning("discovery: watch failed (%s); re-listing in %.1fs", self.last_error, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+    @property
+    def lists(self) -> int:
+        return self._loop.lists if self._loop else 0
 
-    def _list(self) -> str:
-        assert self._api is not None and self.namespace is not None
-        pods, rv = self._api.list(self.namespace, self.selector)
-        if self.lists:
-            self.resyncs += 1
-        self.lists += 1
+    @property
+    def resyncs(self) -> int:
+        """Lists after the first one (410 Gone, reconnects)."""
+        return self._loop.resyncs if self._loop else 0
+
+    @property
+    def watch_errors(self) -> int:
+        return self._loop.watch_errors if self._loop else 0
+
+    @property
+    def events(self) -> int:
+        return self._loop.events if self._loop else 0
+
+    @property
+    def resource_version(self) -> str | None:
+        return self._loop.resource_version if self._loop else None
+
+    @property
+    def last_error(self) -> str | None:
+        return self._loop.last_error if self._loop else None
+
+    # -- WatchHandler (the watch thread) -----------------------------------------------------
+
+    def replace(self, objects: list[dict[str, Any]]) -> None:
         with self._lock:
-            self._apply(self.reconciler.replace(pods, time.monotonic()))
-            self.resource_version = rv
-        self._synced.set()
-        log.debug("discovery: listed %d pod(s) at resourceVersion %s", len(pods), rv)
-        return rv
+            self._apply(self.reconciler.replace(objects, time.monotonic()))
 
-    def _watch(self, rv: str) -> str:
-        """One watch request; returns the resourceVersion to continue from."""
-        assert self._api is not None and self.namespace is not None
-        timeout = self.settings.watch_timeout
-        for event in self._api.watch(self.namespace, self.selector, rv, timeout):
-            if self._stop.is_set():
-                break
-            kind = event.get("type")
-            obj = event.get("object") or {}
-            new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self.events += 1
-                now = time.monotonic()
-                with self._lock:
-                    if kind == "DELETED":
-                        self._apply(self.reconciler.delete(obj, now))
-                    else:
-                        self._apply(self.reconciler.upsert(obj, now))
-            if new_rv:
-                rv = str(new_rv)
-                self.resource_version = rv
-        return rv
+    def upsert(self, obj: dict[str, Any]) -> None:
+        with self._lock:
+            self._apply(self.reconciler.upsert(obj, time.monotonic()))
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        with self._lock:
+            self._apply(self.reconciler.delete(obj, time.monotonic()))
 
     # -- the timer thread --------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
     kvindex extproc --port 9002 --scorer-url http://kvindex:8080 \\
         --endpoint 10.0.0.1:8000 --endpoint 10.0.0.2:8000 --metrics-port 9090
+    kvindex extproc --pool-name vllm --pool-namespace llm --scorer-url http://kvindex:8080
 
 Flags override a YAML file (``--config``; the picker's fields at the top level or under an
 ``extproc:`` key). SIGTERM/SIGINT stop the server gracefully (in-flight streams get
@@ -25,9 +26,9 @@ import yaml
 from pydantic import ValidationError
 
 from kvindex_service.argparsing import OneLineParser
+from kvindex_service.extproc.app import start_picker
 from kvindex_service.extproc.config import DEFAULT_SESSION_HEADER, ExtprocConfig
 from kvindex_service.extproc.security import SCORER_TOKEN_ENV, ConfigError, scorer_token
-from kvindex_service.extproc.server import start_picker
 
 __all__ = ["build_config", "build_parser", "format_validation_error", "main"]
 
@@ -53,6 +54,11 @@ _FLAG_OF = {
     "tls_client_ca": "--tls-client-ca",
     "scorer_ca_file": "--scorer-ca-file",
     "scorer_token_file": "--scorer-token-file",
+    "pool_name": "--pool-name",
+    "pool_namespace": "--pool-namespace",
+    "endpoint_selector": "--endpoint-selector",
+    "endpoint_target_ports": "--endpoint-target-ports",
+    "kubeconfig": "--kubeconfig",
 }
 
 
@@ -67,6 +73,14 @@ def _port(kind: str) -> Any:
         return value
 
     return parse
+
+
+def _ports(text: str) -> list[int]:
+    parse = _port("a serving port")
+    out = [parse(item.strip()) for item in text.split(",") if item.strip()]
+    if not out or 0 in out:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ports like 8000 or 8000,8001")
+    return out
 
 
 def _grace(text: str) -> float:
@@ -93,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--endpoint", action="append", default=None, metavar="IP:PORT", help="eligible endpoint (repeatable)"
+    )
+    p.add_argument("--pool-name", metavar="NAME", help="GAIE InferencePool whose Ready pods are the endpoints")
+    p.add_argument("--pool-namespace", metavar="NS", help="namespace of the pool (default: the picker's own)")
+    p.add_argument(
+        "--endpoint-selector", metavar="LABELS", help="without a pool: label selector of the endpoint pods (app=vllm)"
+    )
+    p.add_argument(
+        "--endpoint-target-ports", type=_ports, metavar="PORTS", help="with --endpoint-selector: serving port(s), 8000"
+    )
+    p.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
+    p.add_argument(
+        "--health-port",
+        type=_port("0 = any free port"),
+        default=9003,
+        help="gRPC health port: liveness, readiness, inference-extension (default 9003)",
+    )
+    p.add_argument(
+        "--ready-without-scorer",
+        action="store_true",
+        default=None,
+        help="report ready before the scorer answers (picks by load and affinity meanwhile)",
     )
     p.add_argument("--timeout-ms", type=float, help="scorer deadline in ms (default 50)")
     p.add_argument("--session-header", help=f"session affinity header (default {DEFAULT_SESSION_HEADER})")
@@ -153,6 +188,12 @@ def build_config(args: argparse.Namespace) -> ExtprocConfig:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
+        "pool_name": args.pool_name,
+        "pool_namespace": args.pool_namespace,
+        "endpoint_selector": args.endpoint_selector,
+        "endpoint_target_ports": args.endpoint_target_ports,
+        "kubeconfig": args.kubeconfig,
+        "ready_without_scorer": args.ready_without_scorer,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     weights = data.get("weights") or {}
@@ -187,8 +228,10 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def _serve(config: ExtprocConfig, host: str, port: int, grace: float, token: str | None) -> None:
-    server = await start_picker(config, host=host, port=port, scorer_bearer=token)
+async def _serve(
+    config: ExtprocConfig, host: str, port: int, health_port: int, grace: float, token: str | None
+) -> None:
+    server = await start_picker(config, host=host, port=port, scorer_bearer=token, health_port=health_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -196,7 +239,10 @@ async def _serve(config: ExtprocConfig, host: str, port: int, grace: float, toke
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
             pass
-    log.info("picker ready", extra={"port": server.port, "metrics_port": server.metrics_port})
+    log.info(
+        "picker ready",
+        extra={"port": server.port, "health_port": server.health_port, "metrics_port": server.metrics_port},
+    )
     try:
         await stop.wait()
     finally:
@@ -222,14 +268,17 @@ def main(argv: list[str]) -> int:
         return _fail(format_validation_error(exc))
     except ConfigError as exc:
         return _fail(str(exc))
-    if not config.endpoints:
-        log.warning("no --endpoint given: only requests with an Envoy subset hint can be routed")
+    if not config.endpoints and not config.watches_kubernetes:
+        log.warning(
+            "no --endpoint, --pool-name or --endpoint-selector given: only requests with an Envoy subset hint "
+            "can be routed (the hint is taken as the endpoint list)"
+        )
     if not config.scorer_url:
         log.warning("no --scorer-url given: routing without KV-cache scores (by load and session affinity only)")
     elif token and config.scorer_url.startswith("http://"):
         log.warning("the scorer token is sent over plain http: use an https:// --scorer-url")
     try:
-        asyncio.run(_serve(config, args.host, args.port, args.grace, token))
+        asyncio.run(_serve(config, args.host, args.port, args.health_port, args.grace, token))
     except ConfigError as exc:
         return _fail(str(exc))
     except OSError as exc:

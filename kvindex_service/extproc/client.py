@@ -176,6 +176,7 @@ class EnvoyClient:
         mode: BodyMode,
         subset: Sequence[str] | None,
         response_body_mode: int,
+        protocol_config: bool = True,
     ) -> ep.ProcessingRequest:
         method = "POST" if body else "GET"
         pairs: list[tuple[str, str]] = [
@@ -188,12 +189,11 @@ class EnvoyClient:
             pairs += [("content-type", "application/json"), ("content-length", str(len(body)))]
         pairs += [("x-forwarded-proto", "http"), ("x-request-id", str(uuid.uuid4()))]
         pairs += [(k.lower(), v) for k, v in headers.items()]
-        req = ep.ProcessingRequest(
-            request_headers=_headers(pairs, end_of_stream=not body),
-            protocol_config=ep.ProtocolConfiguration(
-                request_body_mode=_MODES[mode], response_body_mode=response_body_mode
-            ),
-        )
+        req = ep.ProcessingRequest(request_headers=_headers(pairs, end_of_stream=not body))
+        if protocol_config:
+            req.protocol_config.CopyFrom(
+                ep.ProtocolConfiguration(request_body_mode=_MODES[mode], response_body_mode=response_body_mode)
+            )
         if subset is not None:
             hint = struct_pb2.Struct()
             hint.update({"x-gateway-destination-endpoint-subset": list(subset)})
@@ -213,8 +213,11 @@ class EnvoyClient:
         empty_last_chunk: bool = True,
         response_body: bytes | None = None,
         timeout: float = 60.0,
+        protocol_config: bool = True,
     ) -> RouteResult:
-        """Send one HTTP request's ext_proc messages; see the module docstring."""
+        """Send one HTTP request's ext_proc messages; see the module docstring.
+        ``protocol_config=False``: leave it out of the first message, as older Envoys do
+        (``mode`` is then only how this client sends the body)."""
         if mode not in _MODES:
             raise ValueError(f"unknown body mode {mode!r}")
         if chunk_size < 1:
@@ -225,7 +228,7 @@ class EnvoyClient:
         call = self._stub.Process(timeout=timeout)
         result = RouteResult()
         try:
-            await call.write(self._first(path, body, headers or {}, mode, subset, resp_mode))
+            await call.write(self._first(path, body, headers or {}, mode, subset, resp_mode, protocol_config))
             chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
             if mode == "FULL_DUPLEX_STREAMED":
                 await self._duplex(call, chunks, result, empty_last_chunk, timeout)

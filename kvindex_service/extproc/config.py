@@ -101,9 +101,27 @@ class ExtprocConfig(BaseModel):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger OpenAI bodies get 413")
     max_subset: int = Field(4096, ge=1, description="longest subset hint accepted")
     assume_full_duplex: bool = Field(
+        True,
+        description="a stream without protocol_config (older Envoys, some gateways) is "
+        "FULL_DUPLEX_STREAMED, GAIE's documented mode; false: BUFFERED",
+    )
+    pool_name: str | None = Field(
+        None, description="GAIE InferencePool whose Ready pods are the endpoints (podIP:targetPort)"
+    )
+    pool_namespace: str | None = Field(
+        None, description="namespace of the pool or selected pods (default: the pod's own, else the kubeconfig's)"
+    )
+    endpoint_selector: str | None = Field(
+        None, description="without a pool: label selector of the endpoint pods (GAIE's standalone mode)"
+    )
+    endpoint_target_ports: list[int] = Field(
+        default_factory=list, description="with endpoint_selector: the serving port(s) of each pod"
+    )
+    kubeconfig: str | None = Field(None, description="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
+    ready_without_scorer: bool = Field(
         False,
-        description="for Envoy versions that send no protocol_config: treat request bodies "
-        "as FULL_DUPLEX_STREAMED instead of BUFFERED/STREAMED",
+        description="readiness does not wait for the scorer to answer (requests are then "
+        "picked by load and affinity until it does)",
     )
     breaker_failures: int = Field(5, ge=1, description="consecutive scorer failures that open the circuit breaker")
     breaker_cooldown_s: float = Field(2.0, ge=0.0, description="while open, requests skip the scorer; then one probe")
@@ -131,6 +149,43 @@ class ExtprocConfig(BaseModel):
             if ep not in seen:
                 seen.append(ep)
         return seen
+
+    @field_validator("endpoint_target_ports")
+    @classmethod
+    def _check_ports(cls, value: list[int]) -> list[int]:
+        for port in value:
+            if not 0 < port < 65536:
+                raise ValueError(f"target port {port}: expected 1-65535")
+        return list(dict.fromkeys(value))
+
+    @field_validator("pool_name", "pool_namespace", "endpoint_selector", "kubeconfig")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @property
+    def watches_kubernetes(self) -> bool:
+        return self.pool_name is not None or self.endpoint_selector is not None
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ExtprocConfig:
+        if self.pool_name is not None and self.endpoint_selector is not None:
+            raise ValueError(
+                f"pool_name (--pool-name) {self.pool_name!r} and endpoint_selector (--endpoint-selector) "
+                f"{self.endpoint_selector!r}: give one (the pool has its own selector)"
+            )
+        if self.endpoint_selector is not None and not self.endpoint_target_ports:
+            raise ValueError(
+                f"endpoint_selector (--endpoint-selector) {self.endpoint_selector!r} needs "
+                "endpoint_target_ports (--endpoint-target-ports)"
+            )
+        if self.endpoint_target_ports and self.endpoint_selector is None:
+            raise ValueError("endpoint_target_ports (--endpoint-target-ports) needs endpoint_selector")
+        if self.watches_kubernetes and self.endpoints:
+            raise ValueError(
+                f"endpoints (--endpoint) {self.endpoints[0]!r}: not with a pool or selector (they are the endpoints)"
+            )
+        return self
 
     @field_validator("session_header")
     @classmethod

@@ -16,6 +16,7 @@ hint whose every entry was dropped leaves nothing eligible: 503, as an empty hin
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import Counter
@@ -38,6 +39,7 @@ SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
 DROP_REASONS = ("malformed", "not_unicast", "not_configured", "over_limit")
 
 _PORT = re.compile(r"[0-9]{1,5}")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _MAX_ENTRY = 64  # "[" + 45-character IPv6 + "]:" + 5 digits fits well inside
 
 
@@ -49,11 +51,13 @@ class HintError(ValueError):
         self.reason = reason
 
 
+@functools.lru_cache(maxsize=16_384)
 def canonical_endpoint(value: str) -> str:
     """``value`` as ``a.b.c.d:port`` or ``[v6]:port`` in canonical form; raise HintError.
 
     Only IP literals with an explicit port in 1..65535 are accepted; IPv6 must be bracketed
-    (``fd00::1:8000`` is ambiguous) and carry no zone (``%eth0``).
+    (``fd00::1:8000`` is ambiguous) and carry no zone (``%eth0``). Results are cached (a
+    gateway sends the same pool's entries on every request; refusals are not cached).
     """
     text = value.strip()
     if text.startswith("["):
@@ -76,7 +80,7 @@ def canonical_endpoint(value: str) -> str:
             ) from None
     if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
         raise HintError("malformed", f"{value!r}: port {port!r} is not in 1-65535")
-    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+    if ip.is_unspecified or ip.is_multicast or ip == _BROADCAST:
         raise HintError("not_unicast", f"{value!r}: {ip} is not a unicast address")
     return f"{ip}:{int(port)}" if ip.version == 4 else f"[{ip}]:{int(port)}"
 
@@ -117,7 +121,7 @@ class SubsetHintFilter:
         if len(entries) > self._limit:
             self.dropped["over_limit"] += len(entries) - self._limit
             entries = entries[: self._limit]
-        out: list[str] = []
+        out: dict[str, None] = {}  # ordered, O(1) de-duplication (up to max_subset entries)
         for entry in entries:
             if entry is None or len(entry) > _MAX_ENTRY:
                 self.dropped["malformed"] += 1
@@ -133,6 +137,5 @@ class SubsetHintFilter:
                     self.dropped["not_configured"] += 1
                     continue
                 ep = configured
-            if ep not in out:
-                out.append(ep)
-        return out
+            out[ep] = None
+        return list(out)

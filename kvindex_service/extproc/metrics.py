@@ -48,7 +48,7 @@ class _Collector(Collector):
             labels=["endpoint"],
         )
         chosen = dict(p.picks)
-        for ep in p.config.endpoints:
+        for ep in p.endpoints.current():
             chosen.setdefault(ep, 0)
         for ep, n in sorted(chosen.items()):
             picks.add_metric([ep], n)
@@ -88,7 +88,7 @@ class _Collector(Collector):
             "kvindex_extproc_inflight_requests", "Requests in flight per endpoint", labels=["endpoint"]
         )
         current = p.inflight()
-        for ep in p.config.endpoints:
+        for ep in p.endpoints.current():
             current.setdefault(ep, 0)
         for ep, n in sorted(current.items()):
             inflight.add_metric([ep], n)

@@ -1,6 +1,7 @@
 """The endpoint choice policy, free of any transport.
 
-Per request: take the eligible endpoints (Envoy's subset hint, else the configured list),
+Per request: take the eligible endpoints (Envoy's subset hint intersected with the known
+endpoints, else every known endpoint: see :mod:`.endpoints`),
 drop those at their in-flight cap (all at the cap: shed with 429), ask the scorer how much
 of the prompt each one already holds, then choose:
 
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvindex_service.extproc.config import ExtprocConfig
+from kvindex_service.extproc.endpoints import EndpointSet
 from kvindex_service.extproc.prompt import PromptQuery
 from kvindex_service.extproc.scorer_client import KvScores, Scorer, ScorerError
 
@@ -119,10 +121,14 @@ class Picker:
         config: ExtprocConfig,
         scorer: Scorer | None = None,
         *,
+        endpoints: EndpointSet | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.scorer = scorer
+        self.endpoints = EndpointSet(config.endpoints) if endpoints is None else endpoints
+        #: Hint entries that name no known endpoint (the server shares its stats counter).
+        self.hint_dropped: Counter[str] = Counter()
         self._clock = clock
         self._inflight: dict[str, int] = {}
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -183,14 +189,13 @@ class Picker:
 
     # -- the pick ----------------------------------------------------------------------------
     def eligible(self, subset: Sequence[str] | None) -> list[str]:
-        """Envoy's subset hint when present (even empty: then nothing is eligible), else the
-        configured endpoints."""
+        """Envoy's subset hint when present (even empty: then nothing is eligible), keeping
+        only known endpoints; else every known endpoint."""
         if subset is None:
-            return list(self.config.endpoints)
-        out: list[str] = []
-        for ep in subset:
-            if ep not in out:
-                out.append(ep)
+            return list(self.endpoints.current())
+        out, missing = self.endpoints.intersect(subset)
+        if missing:
+            self.hint_dropped["not_configured"] += missing
         return out
 
     def _reject(self, status: int, message: str, outcome: str = "unscored") -> Decision:
@@ -242,7 +247,12 @@ class Picker:
         if outcome not in ("ok", "unscored", "no_scorer"):
             self.fail_open += 1
 
-        # Loads may have moved while the scorer was awaited: decide on the current ones.
+        # Loads (and the known endpoints) may have moved while the scorer was awaited: decide
+        # on the current ones.
+        if not self.endpoints.hint_only:
+            candidates = [c for c in candidates if self.endpoints.known(c)]
+            if not candidates:
+                return self._reject(503, "no eligible endpoint", outcome)
         candidates = self._open(candidates)
         if not candidates:
             return self._reject(429, "every eligible endpoint is at its in-flight cap", outcome)

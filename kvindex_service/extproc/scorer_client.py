@@ -175,6 +175,7 @@ class HttpScorer:
         verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._url = base_url.rstrip("/") + "/score"
+        self._ready_url = base_url.rstrip("/") + "/readyz"
         headers = {"content-type": "application/json"}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -211,6 +212,15 @@ class HttpScorer:
         except ValueError:
             raise ScorerError("scorer answer is not JSON") from None
         return kv_scores_from_json(data)
+
+    async def ready(self, timeout: float = 2.0) -> bool:
+        """The scoring service answers ``GET /readyz`` with 200 (the picker's readiness)."""
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self._client.get(self._ready_url, timeout=timeout)
+        except (TimeoutError, httpx.HTTPError):
+            return False
+        return resp.status_code == 200
 
     async def close(self) -> None:
         await self._client.aclose()

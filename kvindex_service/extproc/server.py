@@ -1,7 +1,8 @@
 """The Envoy ``ExternalProcessor`` gRPC service (grpc.aio): one bidi stream per HTTP request.
 
 What arrives, and what this server answers, per request body mode (read from the
-``protocol_config`` of the stream's first message):
+``protocol_config`` of the stream's first message; a stream without one is
+FULL_DUPLEX_STREAMED, GAIE's documented mode, unless ``assume_full_duplex`` is off):
 
 ========================  =====================================================================
 mode                      answers
@@ -22,7 +23,8 @@ is echoed as it arrives). Response headers, bodies and trailers are passed throu
 request's in-flight lease is released at the response headers (or the response's end, see
 ``release_on``) and, in every case, when the stream closes or is cancelled.
 
-Errors become immediate responses: 400 (bad body, missing model), 413 (body too large),
+A request without a body (headers with ``end_of_stream``, or an empty body) is routed on load
+and affinity alone. Errors become immediate responses: 400 (bad body, missing model), 413 (body too large),
 503 (no eligible endpoint), 429 (every eligible endpoint at its cap). A scorer failure never
 fails a request: the pick is made by load and affinity (fail open) and counted.
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -40,17 +42,17 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from kvindex_service.extproc.bind import check_free, grpc_target
 from kvindex_service.extproc.config import ExtprocConfig
 from kvindex_service.extproc.hints import SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE, SubsetHintFilter
-from kvindex_service.extproc.interceptors import ErrorMappingInterceptor, ProtocolError
+from kvindex_service.extproc.interceptors import ProtocolError
 from kvindex_service.extproc.metrics import PickerMetrics
 from kvindex_service.extproc.picker import Decision, Lease, Picker
-from kvindex_service.extproc.prompt import BadRequest, PromptQuery, is_scored_path, parse_body, route_path
+from kvindex_service.extproc.prompt import BadRequest, PromptQuery, is_scored_path, parse_body
 from kvindex_service.extproc.responses import DESTINATION_HEADER, LB_NAMESPACE, MAX_STREAMED_CHUNK, Responses
-from kvindex_service.extproc.scorer_client import HttpScorer, Scorer
-from kvindex_service.extproc.security import ConfigError, scorer_ssl_context, scorer_token, server_credentials
 from kvindex_service.extproc.stats import StreamStats
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = [
     "DESTINATION_HEADER",
@@ -59,9 +61,7 @@ __all__ = [
     "SUBSET_HINT_KEY",
     "SUBSET_HINT_NAMESPACE",
     "ExternalProcessorServicer",
-    "PickerServer",
     "StreamStats",
-    "start_picker",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,6 @@ class _Stream:
             elif key == "x-request-id":
                 self.request_id = _header_value(h)
         self.scored = is_scored_path(self.path) and self.method == "POST"
-        if self.scored and msg.end_of_stream:
-            return (self._bad(BadRequest(f"{route_path(self.path)}: empty request body")),)
         if not self.scored or msg.end_of_stream:
             decision = await self._decide(None)
             if decision.endpoint is None:
@@ -256,7 +254,8 @@ class _Stream:
 
     async def _decide_body(self, *, partial: bool) -> Decision | None:
         try:
-            query: PromptQuery | None = parse_body(self.path, bytes(self.body))
+            # No body at all: routed on load and affinity, as at the headers.
+            query: PromptQuery | None = parse_body(self.path, bytes(self.body)) if self.body else None
         except BadRequest as exc:
             if not partial:
                 self.last_immediate = self._bad(exc)
@@ -311,7 +310,10 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
         self.metrics = metrics
         self.stats = stats
         self.responses = Responses()
-        self.hints = SubsetHintFilter(config.endpoints, config.max_subset, stats.hint_dropped)
+        # Only checks the entries' form: which are known endpoints is the picker's call, at
+        # pick time, against the live endpoint set.
+        self.hints = SubsetHintFilter((), config.max_subset, stats.hint_dropped)
+        picker.hint_dropped = stats.hint_dropped
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
@@ -339,132 +341,3 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
                 self.stats.cancelled += 1
             self.stats.active -= 1
             stream.close()
-
-
-class PickerServer:
-    """A running picker: the gRPC server, its :class:`Picker` and its metrics."""
-
-    def __init__(
-        self,
-        server: grpc.aio.Server,
-        port: int,
-        picker: Picker,
-        metrics: PickerMetrics,
-        stats: StreamStats,
-        owned_scorer: Scorer | None,
-    ) -> None:
-        self.server = server
-        self.port = port
-        self.picker = picker
-        self.metrics = metrics
-        self.stats = stats
-        self._owned_scorer = owned_scorer
-        self._stopped = False
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.metrics.port
-
-    async def stop(self, grace: float | None = 1.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.server.stop(grace)
-        self.metrics.close()
-        if self._owned_scorer is not None:
-            await self._owned_scorer.close()
-
-
-def _add_health(server: grpc.aio.Server) -> Any:
-    try:
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    except ImportError:  # grpcio-health-checking is optional
-        log.info("grpcio-health-checking not installed: no grpc.health.v1 service")
-        return None
-    servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    return servicer, health_pb2
-
-
-async def start_picker(
-    config: ExtprocConfig,
-    *,
-    scorer: Scorer | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    scorer_bearer: str | None = None,
-) -> PickerServer:
-    """Start the ext_proc server on ``host:port`` (0 = a free port) and, if configured, the
-    metrics exporter. Without ``scorer``, an :class:`HttpScorer` on ``config.scorer_url`` is
-    created (and closed by :meth:`PickerServer.stop`), sending ``scorer_bearer`` (default:
-    :func:`.security.scorer_token`); with neither, picks use load only. With
-    ``config.tls_cert``/``tls_key`` the server speaks TLS only (mTLS with ``tls_client_ca``).
-
-    Raises :class:`.security.ConfigError` for unusable settings and :class:`OSError` when a
-    port is taken."""
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port {port}: expected 0-65535")
-    credentials = server_credentials(config)
-    owned: Scorer | None = None
-    if scorer is None and config.scorer_url:
-        token = scorer_bearer if scorer_bearer is not None else scorer_token(config)
-        verify = scorer_ssl_context(config)
-        scorer = owned = HttpScorer(
-            config.scorer_url, timeout_ms=config.timeout_ms, token=token, verify=True if verify is None else verify
-        )
-    picker = Picker(config, scorer)
-    stats = StreamStats()
-    metrics = PickerMetrics(picker, stats)
-    picker.on_scorer_latency = metrics.scorer_seconds.observe
-    limit = config.max_body_bytes + (1 << 20)
-    server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(stats)],
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            # Without this a second picker on the same port would silently share it.
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorServicer(picker, config, metrics, stats), server)
-    health = _add_health(server)
-    try:
-        check_free(host, port)
-        target = grpc_target(host, port)
-        try:
-            if credentials is None:
-                bound = server.add_insecure_port(target)
-            else:
-                bound = server.add_secure_port(target, credentials)
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise OSError(f"cannot listen on {host}:{port}")
-        await server.start()
-        if health is not None:
-            servicer, health_pb2 = health
-            for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
-                await _maybe_await(servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
-        if config.metrics_port:
-            try:
-                metrics.serve(config.metrics_port, config.metrics_host)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"cannot listen on {config.metrics_host}:{config.metrics_port} (metrics): {exc.strerror or exc}",
-                ) from None
-    except BaseException:
-        await server.stop(None)
-        if owned is not None:
-            await owned.close()
-        raise
-    log.info(
-        "ext_proc picker listening",
-        extra={"host": host, "port": bound, "tls": credentials is not None, "endpoints": len(config.endpoints)},
-    )
-    return PickerServer(server, bound, picker, metrics, stats, owned)
-
-
-async def _maybe_await(value: Any) -> None:
-    if hasattr(value, "__await__"):
-        await value

@@ -170,7 +170,7 @@ class Fleet:
         endpoints = [arg for pod_id in self.pod_urls for arg in ("--endpoint", pod_id)]
         picker = self._spawn("extproc", ["extproc", "--host", "127.0.0.1", "--port", str(p.picker),
                                          "--scorer-url", self.service_url, "--timeout-ms", str(self.scorer_timeout_ms),
-                                         *endpoints, "--metrics-port", "0"])  # fmt: skip
+                                         *endpoints, "--metrics-port", "0", "--health-port", "0"])  # fmt: skip
         ready = self._wait_record(picker, lambda r: r.get("msg") == "picker ready", "ready line")
         self.picker_address = f"127.0.0.1:{ready['port']}"
 

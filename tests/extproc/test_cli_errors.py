@@ -22,7 +22,11 @@ CODE = "import sys; from kvindex_service.cli import main; sys.exit(main(['extpro
 
 def _extproc(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", CODE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-c", CODE, "--health-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
@@ -68,6 +72,12 @@ BAD_FLAGS = [
         ["--scorer-token-file", "/nonexistent/t"],
     ),
     (["--config", "/nonexistent/picker.yaml"], ["--config", "/nonexistent/picker.yaml"]),
+    (["--health-port", "70000"], ["--health-port", "70000"]),
+    (["--endpoint-selector", "app=vllm"], ["--endpoint-selector", "--endpoint-target-ports"]),
+    (["--endpoint-target-ports", "8000,x"], ["--endpoint-target-ports", "'x'"]),
+    (["--pool-name", "p", "--endpoint-selector", "app=x"], ["--pool-name", "--endpoint-selector"]),
+    (["--pool-name", "p", "--endpoint", "10.0.0.1:8000"], ["--endpoint", "not with a pool"]),
+    (["--pool-name", "p", "--kubeconfig", "/nonexistent/kubeconfig"], ["no Kubernetes configuration", "/nonexistent"]),
 ]
 
 
@@ -114,7 +124,7 @@ def test_tls_key_not_matching_the_certificate_is_one_line(certs: Certs) -> None:
 def _start_until_ready(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
     """Run the picker until it logs ``picker ready``; return the process and its stderr lines."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CODE, "--host", "127.0.0.1", "--port", "0", *args],
+        [sys.executable, "-c", CODE, "--host", "127.0.0.1", "--port", "0", "--health-port", "0", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -89,7 +89,7 @@ def test_cli_serves_until_sigterm(scorer_url: str, model: str, prompt_text: dict
     conf.write_text("extproc:\n  timeout_ms: 5000\n  weights: {load: 0.5}\n")
     code = "import sys; from kvindex_service.extproc.cli import main; sys.exit(main(sys.argv[1:]))"
     args = [sys.executable, "-c", code, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port),
-            "--scorer-url", scorer_url, "--endpoint", PODS[0], "--endpoint", PODS[1], "--log-level", "WARNING"]  # fmt: skip
+            "--health-port", "0", "--scorer-url", scorer_url, "--endpoint", PODS[0], "--endpoint", PODS[1], "--log-level", "WARNING"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).parents[2]

@@ -219,3 +219,40 @@ def namespace(kube: Any) -> Iterator[str]:
     kube.create_namespace(name)
     yield name
     kube.delete_namespace(name)
+
+
+GAIE_CRD = Path(__file__).parent / "fixtures" / "gaie-v1.5.0" / "inference.networking.k8s.io_inferencepools.yaml"
+"""GAIE's own InferencePool CRD (v1.5.0, vendored unchanged; the file's header says from where)."""
+
+
+def install_inference_pool_crd(kube: Any) -> None:
+    """Create GAIE's InferencePool CRD (kept if it is there) and wait until it is served."""
+    from kubernetes import client
+
+    crd = yaml.safe_load(GAIE_CRD.read_text(encoding="utf-8"))
+    ext = client.ApiextensionsV1Api(kube.api_client)
+    try:
+        ext.create_custom_resource_definition(crd)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+    custom = client.CustomObjectsApi(kube.api_client)
+    deadline = time.monotonic() + 60
+    while True:
+        got = ext.read_custom_resource_definition(crd["metadata"]["name"])
+        established = any(c.type == "Established" and c.status == "True" for c in (got.status.conditions or []))
+        if established:
+            try:
+                custom.list_namespaced_custom_object("inference.networking.k8s.io", "v1", "default", "inferencepools")
+                return
+            except client.ApiException:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the InferencePool CRD was not established within 60s")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def inference_pool_crd(kube: Any) -> None:
+    """GAIE's InferencePool CRD, installed once per session."""
+    install_inference_pool_crd(kube)

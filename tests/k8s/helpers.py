@@ -269,3 +269,10 @@ class Service:
                 self.proc.wait(5)
         self._log.close()
         return int(self.proc.returncode)
+
+
+PICKER_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": ["get", "list", "watch"]},
+]
+"""What the picker needs with ``--pool-name`` (the chart's picker Role grants exactly this)."""

@@ -24,8 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.k8s.conftest import ADMIN_TOKEN, ControlPlane
-from tests.k8s.helpers import wait_for
+from tests.k8s.conftest import ADMIN_TOKEN, GAIE_CRD, ControlPlane
+from tests.k8s.helpers import PICKER_RULES, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "kvindex"
@@ -273,14 +273,19 @@ def test_probes(helm: Path) -> None:
     c = container(one(render(helm), "Deployment", "rel-kvindex"))
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # the picker: GAIE's probes, grpc.health.v1 on the health port with service names
     picker = container(one(render(helm), "Deployment", "rel-kvindex-picker"))
-    assert picker["readinessProbe"]["grpc"] == {"port": 9002}
-    # with TLS the service's probes speak HTTPS and the picker's fall back to TCP
+    assert picker["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
+    assert picker["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
+    assert "--health-port=9003" in picker["args"]
+    assert {"name": "grpc-health", "containerPort": 9003, "protocol": "TCP"} in picker["ports"]
+    # with TLS the service's probes speak HTTPS; the picker's health port stays plaintext gRPC
     docs = render(helm, VALUES["all-options"])
     c = container(one(docs, "Deployment", "rel-kvindex"))
     assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTPS"}
-    assert container(one(docs, "Deployment", "rel-kvindex-picker"))["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    picker = container(one(docs, "Deployment", "rel-kvindex-picker"))
+    assert picker["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
 
 
 def test_auth_tls_and_picker_wiring(helm: Path) -> None:
@@ -299,7 +304,9 @@ def test_auth_tls_and_picker_wiring(helm: Path) -> None:
     assert "--scorer-ca-file=/etc/kvindex/scorer-ca/ca.crt" in args
     assert {"--tls-cert=/etc/kvindex/picker-tls/tls.crt", "--tls-key=/etc/kvindex/picker-tls/tls.key"} <= set(args)
     assert "--tls-client-ca=/etc/kvindex/picker-client-ca/ca.crt" in args
-    assert [a for a in args if a.startswith("--endpoint=")] == ["--endpoint=10.0.0.1:8000", "--endpoint=10.0.0.2:8000"]
+    # the pool's endpoint picker: the pool's pods, no static list
+    assert {"--pool-name=vllm-llama3", "--pool-namespace=llm", "--ready-without-scorer"} <= set(args)
+    assert not [a for a in args if a.startswith("--endpoint")]
     assert "--max-inflight=64" in args and "--metrics-port=9090" in args
     # an existing Secret: referenced, not rendered
     docs = render(helm, VALUES["replicas"])
@@ -310,6 +317,37 @@ def test_auth_tls_and_picker_wiring(helm: Path) -> None:
         "--scorer-url=http://rel-kvindex.llm.svc:8080"
         in container(one(docs, "Deployment", "rel-kvindex-picker"))["args"]
     )
+    args = container(one(docs, "Deployment", "rel-kvindex-picker"))["args"]
+    assert [a for a in args if a.startswith("--endpoint")] == ["--endpoint=10.0.0.1:8000", "--endpoint=10.0.0.2:8000"]
+    assert not [a for a in args if a.startswith("--pool")]
+
+
+def test_picker_reads_its_pool_with_its_own_role(helm: Path) -> None:
+    """As the pool's endpoint picker, the picker gets a token and a Role that grants exactly
+    get/list/watch on pods and inferencepools (the rules tests/k8s/test_gaie_picker.py runs
+    the real picker with)."""
+    docs = render(helm, None, "llm", "inferencePool.enabled=true")
+    role = one(docs, "Role", "rel-kvindex-picker-endpoints")
+    assert role["rules"] == PICKER_RULES
+    binding = one(docs, "RoleBinding", "rel-kvindex-picker-endpoints")
+    assert binding["roleRef"]["name"] == "rel-kvindex-picker-endpoints"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-kvindex-picker", "namespace": "llm"}]
+    picker = one(docs, "Deployment", "rel-kvindex-picker")["spec"]["template"]["spec"]
+    assert picker["automountServiceAccountToken"] is True
+    assert one(docs, "ServiceAccount", "rel-kvindex-picker")["automountServiceAccountToken"] is True
+    pool = one(docs, "InferencePool", "rel-kvindex")
+    assert {"--pool-name=rel-kvindex", "--pool-namespace=llm"} <= set(
+        container(one(docs, "Deployment", "rel-kvindex-picker"))["args"]
+    )
+    assert pool["spec"]["endpointPickerRef"]["name"] == "rel-kvindex-picker"
+    # GAIE's standalone mode: a selector, pods only
+    docs = render(helm, None, "llm", "picker.endpointSelector=app=vllm", "picker.endpointTargetPorts={8000}")
+    assert one(docs, "Role", "rel-kvindex-picker-endpoints")["rules"] == PICKER_RULES[:1]
+    args = container(one(docs, "Deployment", "rel-kvindex-picker"))["args"]
+    assert {"--endpoint-selector=app=vllm", "--endpoint-target-ports=8000"} <= set(args)
+    # without either: no token, no Role
+    docs = render(helm)
+    assert not [d for d in find(docs, "Role") if d["metadata"]["name"] == "rel-kvindex-picker-endpoints"]
 
 
 def test_snapshot_volume(helm: Path) -> None:
@@ -337,6 +375,8 @@ def test_snapshot_volume(helm: Path) -> None:
         (["snapshot.file.enabled=true", "snapshot.file.volumeType=persistentVolumeClaim"], "needs replicaCount 1"),
         (["tls.enabled=true"], "tls.enabled needs tls.secretName"),
         (["picker.enabled=false", "inferencePool.enabled=true"], "inferencePool.enabled needs picker.enabled"),
+        (["inferencePool.enabled=true", "picker.endpoints={10.0.0.1:8000}"], "picker.endpoints is for a static list"),
+        (["picker.endpointSelector=app=x"], "picker.endpointSelector needs picker.endpointTargetPorts"),
         (["replicaCount=-1"], "replicaCount"),
     ],
 )
@@ -450,51 +490,9 @@ def _crd(group: str, kind: str, plural: str, spec_schema: dict[str, Any]) -> dic
     }
 
 
-_LABEL_SELECTOR = {
-    "type": "object",
-    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
-    "required": ["matchLabels"],
-}
-# InferencePool v1's spec as the Gateway API Inference Extension defines it (the fields, their
-# types, enums and required ones), so strict validation catches a misspelt or misplaced field.
-INFERENCE_POOL_CRD = _crd(
-    "inference.networking.k8s.io",
-    "InferencePool",
-    "inferencepools",
-    {
-        "type": "object",
-        "properties": {
-            "selector": _LABEL_SELECTOR,
-            "targetPorts": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 8,
-                "items": {
-                    "type": "object",
-                    "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}},
-                    "required": ["number"],
-                },
-            },
-            "appProtocol": {"type": "string", "enum": ["http", "kubernetes.io/h2c"]},
-            "endpointPickerRef": {
-                "type": "object",
-                "properties": {
-                    "group": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "name": {"type": "string", "minLength": 1},
-                    "port": {
-                        "type": "object",
-                        "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}},
-                        "required": ["number"],
-                    },
-                    "failureMode": {"type": "string", "enum": ["FailOpen", "FailClose"]},
-                },
-                "required": ["name"],
-            },
-        },
-        "required": ["selector", "targetPorts", "endpointPickerRef"],
-    },
-)
+# InferencePool v1 is GAIE's own CRD (v1.5.0, vendored in tests/k8s/fixtures), so strict
+# validation catches a misspelt or misplaced field exactly as a cluster running GAIE would.
+INFERENCE_POOL_CRD: dict[str, Any] = yaml.safe_load(GAIE_CRD.read_text(encoding="utf-8"))
 # prometheus-operator's CRDs are large; these check only the object's envelope and spec's type.
 SERVICE_MONITOR_CRD = _crd(
     "monitoring.coreos.com",

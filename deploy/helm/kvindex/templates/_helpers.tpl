@@ -116,7 +116,26 @@ from:
 {{- if and .Values.picker.enabled .Values.picker.tls.enabled (not .Values.picker.tls.secretName) -}}
 {{- fail "picker.tls.enabled needs picker.tls.secretName (a kubernetes.io/tls Secret)" -}}
 {{- end -}}
+{{- if and .Values.picker.endpointSelector (not .Values.picker.endpointTargetPorts) -}}
+{{- fail "picker.endpointSelector needs picker.endpointTargetPorts (the serving ports of the selected pods)" -}}
+{{- end -}}
+{{- if and .Values.inferencePool.enabled .Values.picker.endpointSelector -}}
+{{- fail "picker.endpointSelector is for a picker without inferencePool (the pool has its own selector)" -}}
+{{- end -}}
+{{- if and (or .Values.inferencePool.enabled .Values.picker.endpointSelector) .Values.picker.endpoints -}}
+{{- fail "picker.endpoints is for a static list: not with inferencePool.enabled or picker.endpointSelector" -}}
+{{- end -}}
 {{- if and .Values.inferencePool.enabled (not .Values.picker.enabled) -}}
 {{- fail "inferencePool.enabled needs picker.enabled (the pool's endpoint picker)" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The InferencePool's name (also the picker's --pool-name). */}}
+{{- define "kvindex.poolName" -}}
+{{- default (include "kvindex.fullname" .) .Values.inferencePool.name -}}
+{{- end -}}
+
+{{/* "true" when the picker watches Kubernetes (a pool or a selector) and needs its token and Role. */}}
+{{- define "kvindex.pickerWatches" -}}
+{{- if and .Values.picker.enabled (or .Values.inferencePool.enabled .Values.picker.endpointSelector) -}}true{{- end -}}
 {{- end -}}
