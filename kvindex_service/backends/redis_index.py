@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from kvindex_service._native import RecordDecoder, ScoreResult, TokenProcessor, score_entries
 from kvindex_service.backends.url import BackendURL
@@ -120,9 +122,11 @@ def _client(url: BackendURL, timeout: float) -> Any:
         "ssl": url.tls,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        # no hidden retries: the writer retries with its own backoff, a score degrades at once
+        "retry": Retry(NoBackoff(), 0),
     }
     if url.cluster:
-        return RedisCluster(**common)
+        return RedisCluster(cluster_error_retry_attempts=1, **common)
     return redis.Redis(db=url.db, **common)
 
 
