@@ -287,7 +287,12 @@ class RecordDecoder:
     removals and token-less stores."""
 
     def __new__(
-        cls, *, block_size: int = 16, hash_seed: str | None = None, algorithm: str = "sha256_cbor", max_known: int = 1_000_000
+        cls,
+        *,
+        block_size: int = 16,
+        hash_seed: str | None = None,
+        algorithm: str = "sha256_cbor",
+        max_known: int = 1_000_000,
     ) -> Self: ...
     @property
     def known(self) -> int: ...

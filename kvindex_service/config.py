@@ -157,11 +157,20 @@ class IndexSettings(_Section):
         description="tier names besides the built-in and weighted ones one pod may use at once",
     )
     backend: str = Field(
-        default="memory", description="memory, or a shared index: redis://host:port/db, rediss://, valkey://, redis+cluster://"
+        default="memory",
+        description="memory, or a shared index: redis://host:port/db, rediss://, valkey://, redis+cluster://",
     )
     backend_timeout: float = Field(default=0.05, gt=0, description="shared index: deadline of one /score lookup (s)")
-    backend_ttl: float = Field(default=0, ge=0, description="shared index: a block key expires this long after its last store (s); 0 = never (use maxmemory-policy)")
-    backend_buffer: int = Field(default=10_000, ge=1, description="shared index: event batches held while it is unreachable, then dropped (counted)")
+    backend_ttl: float = Field(
+        default=0,
+        ge=0,
+        description="shared index: a block key expires this long after its last store (s); 0 = never (use maxmemory-policy)",
+    )
+    backend_buffer: int = Field(
+        default=10_000,
+        ge=1,
+        description="shared index: event batches held while it is unreachable, then dropped (counted)",
+    )
 
     @field_validator("backend")
     @classmethod

@@ -218,7 +218,9 @@ class RedisIndex:
                 return
             self._note(pod, model, tag)
             r = self._call(
-                self._apply, keys=[self._pod_set(tag, pod), *keys], args=[pod, self.ttl_ms, self.max_pods_per_key, *args]
+                self._apply,
+                keys=[self._pod_set(tag, pod), *keys],
+                args=[pod, self.ttl_ms, self.max_pods_per_key, *args],
             )
             for i in range(3):
                 total[i] += int(r[i])

@@ -40,7 +40,9 @@ def keys_of(index: BlockIndex, toks: list[int]) -> list[int]:
     return Indexer(hash_seed="42", shards=1).block_keys(toks)
 
 
-def table(index: BlockIndex, toks: list[int], pods: list[str] | None = None) -> list[tuple[str, int, float, dict[str, int]]]:
+def table(
+    index: BlockIndex, toks: list[int], pods: list[str] | None = None
+) -> list[tuple[str, int, float, dict[str, int]]]:
     r = index.score(MODEL, toks, pods=pods)
     return [(s.pod, s.matched_blocks, round(s.score, 9), dict(s.tier_blocks)) for s in r.scores]
 

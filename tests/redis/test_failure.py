@@ -74,6 +74,7 @@ def test_down_degrades_buffers_and_recovers(own_redis: RedisServer, tmp_path: Pa
             # batches while down: the first 3 wait, the rest are dropped and counted
             for seq in range(1, 7):
                 pub.send([topic, seq.to_bytes(8, "big"), _batch(keys[2:4], toks[32:64])])
+
             def dropped() -> str | None:
                 text = ca.get("/metrics").text
                 return text if _metric(text, 'kvindex_backend_batches_total{outcome="dropped"}') >= 3 else None
