@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "index_defaults",
     "score_entries",
+    "score_packed",
 ]
 
 __version__: str
@@ -310,3 +311,14 @@ def score_entries(
     pods: Sequence[str] | None = None,
 ) -> ScoreResult:
     """Score per-key (pod, tier) entries (block order) with the rules of ``Indexer.score``."""
+
+def score_packed(
+    packed: Sequence[bytes],
+    *,
+    block_size: int,
+    total_blocks: int,
+    total_tokens: int,
+    tier_weights: Mapping[str, float] | None = None,
+    pods: Sequence[str] | None = None,
+) -> ScoreResult:
+    """``score_entries`` over one byte string per key: ``pod 0x1f tier`` items joined by 0x1e."""

@@ -13,7 +13,7 @@ cluster keeps all of one model's keys in one slot and a lookup is one script cal
 Round trips: one ``EVALSHA`` per event batch (a batch with ``AllBlocksCleared`` adds one for
 the pod's models, then one per 1,000 entries cleared), one ``EVALSHA`` per score; the score script
 stops reading keys once no pod can extend its prefix. The scores themselves come from the core
-(``score_entries``), so they follow exactly the rules of the in-memory index.
+(``score_packed``), so they follow exactly the rules of the in-memory index.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from kvindex_service._native import RecordDecoder, ScoreResult, TokenProcessor, score_entries
+from kvindex_service._native import RecordDecoder, ScoreResult, TokenProcessor, score_entries, score_packed
 from kvindex_service.backends.url import BackendURL
 
 __all__ = ["BackendError", "RedisIndex"]
@@ -82,8 +82,9 @@ end
 return #members
 """
 
-# KEYS block keys in prompt order; ARGV candidate pods (none: all). Per key its fields, while
-# at least one pod holding block 0 (and a candidate) still holds every block so far.
+# KEYS block keys in prompt order; ARGV candidate pods (none: all). Per key its fields joined
+# by 0x1e (one reply string per key), while at least one pod holding block 0 (and a
+# candidate) still holds every block so far.
 _LOOKUP = """
 local filter = nil
 if #ARGV > 0 then
@@ -102,7 +103,7 @@ for i, k in ipairs(KEYS) do
     end
   end
   if not any then break end
-  out[i] = fields
+  out[i] = table.concat(fields, '\\30')
   alive = nxt
 end
 return out
@@ -126,7 +127,7 @@ def _client(url: BackendURL, timeout: float) -> Any:
         "retry": Retry(NoBackoff(), 0),
     }
     if url.cluster:
-        return RedisCluster(cluster_error_retry_attempts=1, **common)
+        return RedisCluster(**common)
     return redis.Redis(db=url.db, **common)
 
 
@@ -276,22 +277,25 @@ class RedisIndex:
             self._seen = {s for s in self._seen if s[0] != pod}
 
     # -- read path -----------------------------------------------------------------------
-    def _fetch(self, model: str, keys: Sequence[int], pods: Sequence[str] | None) -> list[list[tuple[str, str]]]:
+    def _fetch(self, model: str, keys: Sequence[int], pods: Sequence[str] | None) -> list[bytes]:
+        """Per key (block order, stopping where no pod goes on), its packed fields."""
         if not keys:
             return []
-        raw = self._call(self._lookup, keys=self._keys(self.tag(model), keys), args=list(pods or ()))
-        out: list[list[tuple[str, str]]] = []
-        for fields in raw:
-            per = []
-            for f in fields:
-                pod, _, tier = f.decode("utf-8", "replace").rpartition(_SEP)
-                per.append((pod, tier))
-            out.append(per)
-        return out
+        packed: list[bytes] = self._call(self._lookup, keys=self._keys(self.tag(model), keys), args=list(pods or ()))
+        return packed
+
+    def _scored(self, packed: list[bytes], blocks: int, tokens: int, pods: Sequence[str] | None) -> ScoreResult:
+        return score_packed(
+            packed,
+            block_size=self.block_size,
+            total_blocks=blocks,
+            total_tokens=tokens,
+            tier_weights=self.tier_weights,
+            pods=list(pods) if pods is not None else None,
+        )
 
     def score_keys(self, model: str, keys: Sequence[int], *, pods: Sequence[str] | None = None) -> ScoreResult:
-        entries = self._fetch(model, keys, pods)
-        return self.ranked(entries, len(keys), len(keys) * self.block_size, pods)
+        return self._scored(self._fetch(model, keys, pods), len(keys), len(keys) * self.block_size, pods)
 
     def score(
         self,
@@ -303,8 +307,7 @@ class RedisIndex:
         pods: Sequence[str] | None = None,
     ) -> ScoreResult:
         keys = self.tp.block_keys(token_ids, lora_name=lora_name, cache_salt=cache_salt)
-        entries = self._fetch(model, keys, pods)
-        return self.ranked(entries, len(keys), len(token_ids), pods)
+        return self._scored(self._fetch(model, keys, pods), len(keys), len(token_ids), pods)
 
     def ranked(
         self, entries: list[list[tuple[str, str]]], blocks: int, tokens: int, pods: Sequence[str] | None
@@ -337,11 +340,13 @@ class RedisIndex:
 
     def stats(self) -> dict[str, Any]:
         """Pods known and the server's memory; counting keys would need a scan, so it is not done."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.scard(f"{self.prefix}:pods")
-        pipe.info("memory")
-        pods, mem = self._call(pipe.execute)
-        return {"pods": int(pods), "used_memory": int(mem.get("used_memory", 0)) if isinstance(mem, dict) else 0}
+        pods = int(self._call(self.client.scard, f"{self.prefix}:pods"))
+        mem = self._call(self.client.info, "memory")
+        if mem and all(isinstance(v, dict) for v in mem.values()):  # a cluster: one dict per node
+            used = sum(int(v.get("used_memory", 0)) for v in mem.values())
+        else:
+            used = int(mem.get("used_memory", 0))
+        return {"pods": pods, "used_memory": used}
 
     def close(self) -> None:
         for c in (self.client, self.writer):

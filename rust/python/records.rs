@@ -15,6 +15,9 @@ use crate::config;
 use crate::events::{decode_batch, BlockStored, EngineHash, Event};
 use crate::hashing::{cbor, Algorithm, BlockKey, Chain, Extras, TokenProcessor};
 use crate::index::{BlockIndex, Tier, MAX_TIERS, TIER_CPU, TIER_GPU};
+
+// the scratch index names tiers GPU, CPU first, like the core's tier table
+const _: () = assert!(TIER_GPU == 0 && TIER_CPU == 1);
 use crate::scoring::{prefix_runs, rank, ScoreResult};
 use crate::tiers::normalize;
 
@@ -215,6 +218,67 @@ impl PyRecordDecoder {
     }
 }
 
+/// The core's prefix runs and ranking over entries gathered elsewhere: `entries` yields,
+/// per key in block order, its (pod, tier) pairs.
+fn score_gathered<'a, E, I>(entries: E, n: usize, cfg: Gathered<'_>) -> ScoreResult
+where
+    E: Iterator<Item = I>,
+    I: Iterator<Item = (&'a str, &'a str)>,
+{
+    let mut names: Vec<&str> = Vec::new();
+    let mut ids: HashMap<&str, u32> = HashMap::new();
+    let mut tiers: Vec<String> = vec!["GPU".into(), "CPU".into()];
+    let index = BlockIndex::new(n.max(1), 1 << 16, 1, false);
+    for (i, per) in entries.enumerate() {
+        for (pod, tier) in per {
+            let t = match tiers.iter().position(|x| x == tier) {
+                Some(t) => t as Tier,
+                None if tiers.len() < MAX_TIERS => {
+                    tiers.push(tier.to_owned());
+                    (tiers.len() - 1) as Tier
+                }
+                None => continue,
+            };
+            let next = names.len() as u32;
+            let id = *ids.entry(pod).or_insert_with(|| {
+                names.push(pod);
+                next
+            });
+            index.add(0, id, i as BlockKey, t, None);
+        }
+    }
+    let (weighted, default_weight) = cfg.weights;
+    let mut weights = [*default_weight; MAX_TIERS];
+    for (t, name) in tiers.iter().enumerate() {
+        weights[t] = weighted.iter().find(|(x, _)| x == name).map_or(*default_weight, |(_, w)| *w);
+    }
+    let filter: Option<Vec<u32>> = cfg.pods.map(|p| p.iter().filter_map(|x| ids.get(x.as_str()).copied()).collect());
+    let runs = prefix_runs(&index, 0, 0..n as BlockKey, filter.as_deref(), &weights);
+    let cands: Option<Vec<&str>> = cfg.pods.map(|p| p.iter().map(String::as_str).collect());
+    let scores = rank(runs.runs, cands.as_deref(), |id| names[id as usize].into(), &tiers, cfg.block_size);
+    ScoreResult {
+        scores,
+        total_blocks: cfg.total_blocks,
+        total_tokens: cfg.total_tokens,
+        keys_computed: runs.keys_consumed,
+    }
+}
+
+struct Gathered<'a> {
+    block_size: usize,
+    total_blocks: usize,
+    total_tokens: usize,
+    weights: &'a (Vec<(String, f64)>, f64),
+    pods: Option<&'a [String]>,
+}
+
+fn gathered_cfg(block_size: usize, tier_weights: Option<HashMap<String, f64>>) -> PyResult<(Vec<(String, f64)>, f64)> {
+    if block_size == 0 {
+        return Err(invalid("block_size must be at least 1".into()));
+    }
+    Ok(config::tier_weights(tier_weights.unwrap_or_default().into_iter().collect())?)
+}
+
 /// Score per-key entries `[(pod, tier), ...]` (key order = block order) with the core's
 /// rules: the same prefix runs, tier weights, candidate listing and order as `Indexer.score`.
 #[pyfunction]
@@ -228,43 +292,41 @@ pub(super) fn score_entries(
     tier_weights: Option<HashMap<String, f64>>,
     pods: Option<Vec<String>>,
 ) -> PyResult<PyScoreResult> {
-    let (weighted, default_weight) = config::tier_weights(tier_weights.unwrap_or_default().into_iter().collect())?;
-    if block_size == 0 {
-        return Err(invalid("block_size must be at least 1".into()));
-    }
+    let weights = gathered_cfg(block_size, tier_weights)?;
+    let cfg = Gathered { block_size, total_blocks, total_tokens, weights: &weights, pods: pods.as_deref() };
+    let n = entries.len();
+    let r = py
+        .detach(|| score_gathered(entries.iter().map(|per| per.iter().map(|(p, t)| (p.as_str(), t.as_str()))), n, cfg));
+    score_result(py, r)
+}
+
+/// `score_entries` over the packed form a Redis script returns: per key one byte string of
+/// `pod 0x1f tier` items joined by 0x1e (parsed here, so Python touches one object per key).
+#[pyfunction]
+#[pyo3(signature = (packed, *, block_size, total_blocks, total_tokens, tier_weights = None, pods = None))]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn score_packed(
+    py: Python<'_>,
+    packed: Vec<Vec<u8>>,
+    block_size: usize,
+    total_blocks: usize,
+    total_tokens: usize,
+    tier_weights: Option<HashMap<String, f64>>,
+    pods: Option<Vec<String>>,
+) -> PyResult<PyScoreResult> {
+    let weights = gathered_cfg(block_size, tier_weights)?;
+    let cfg = Gathered { block_size, total_blocks, total_tokens, weights: &weights, pods: pods.as_deref() };
+    let n = packed.len();
     let r = py.detach(|| {
-        let mut names: Vec<String> = Vec::new();
-        let mut ids: HashMap<String, u32> = HashMap::new();
-        let mut tiers: Vec<String> = vec!["GPU".into(), "CPU".into()];
-        let index = BlockIndex::new(entries.len().max(1), 1 << 16, 1, false);
-        for (i, per) in entries.iter().enumerate() {
-            for (pod, tier) in per {
-                let t = match tiers.iter().position(|n| n == tier) {
-                    Some(t) => t as Tier,
-                    None if tiers.len() < MAX_TIERS => {
-                        tiers.push(tier.clone());
-                        (tiers.len() - 1) as Tier
-                    }
-                    None => continue,
-                };
-                let next = names.len() as u32;
-                let id = *ids.entry(pod.clone()).or_insert_with(|| {
-                    names.push(pod.clone());
-                    next
-                });
-                index.add(0, id, i as BlockKey, t, None);
-            }
-        }
-        let mut weights = [default_weight; MAX_TIERS];
-        for (t, name) in tiers.iter().enumerate() {
-            weights[t] = weighted.iter().find(|(n, _)| n == name).map_or(default_weight, |(_, w)| *w);
-        }
-        debug_assert!(TIER_GPU == 0 && TIER_CPU == 1);
-        let filter: Option<Vec<u32>> = pods.as_ref().map(|p| p.iter().filter_map(|n| ids.get(n).copied()).collect());
-        let runs = prefix_runs(&index, 0, 0..entries.len() as BlockKey, filter.as_deref(), &weights);
-        let cands: Option<Vec<&str>> = pods.as_ref().map(|p| p.iter().map(String::as_str).collect());
-        let scores = rank(runs.runs, cands.as_deref(), |id| names[id as usize].as_str().into(), &tiers, block_size);
-        ScoreResult { scores, total_blocks, total_tokens, keys_computed: runs.keys_consumed }
+        let per_key = packed.iter().map(|raw| {
+            raw.split(|&b| b == 0x1e).filter(|item| !item.is_empty()).filter_map(|item| {
+                let cut = item.iter().rposition(|&b| b == 0x1f)?;
+                let pod = std::str::from_utf8(&item[..cut]).ok()?;
+                let tier = std::str::from_utf8(&item[cut + 1..]).ok()?;
+                Some((pod, tier))
+            })
+        });
+        score_gathered(per_key, n, cfg)
     });
     score_result(py, r)
 }
@@ -272,5 +334,6 @@ pub(super) fn score_entries(
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRecordDecoder>()?;
     m.add_function(wrap_pyfunction!(score_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(score_packed, m)?)?;
     Ok(())
 }

@@ -97,3 +97,28 @@ def redis_url(redis_server: RedisServer) -> str:
     c.flushall()
     c.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server() -> Iterator[RedisServer]:
+    """A one-node Redis cluster owning every slot: the cluster protocol (MOVED-aware client,
+    slot checks on scripts) on one process."""
+    with tempfile.TemporaryDirectory(prefix="kvindex-redis-cluster-") as d:
+        server = start_redis(Path(d), None, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        c = server.client()
+        c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 20
+        while b"cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the one-node cluster never became ok"
+            time.sleep(0.05)
+        c.close()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_server: RedisServer) -> str:
+    c = redis_cluster_server.client()
+    c.flushall()
+    c.close()
+    return f"redis+cluster://127.0.0.1:{redis_cluster_server.port}"

@@ -1,5 +1,5 @@
 """One ``BlockIndex`` contract, run against both backends: the in-process core (``memory``) and
-Redis on a real redis-server. Every assertion holds for both, so a replica answers the same
+Redis on a real redis-server, single node and as a (one-node) cluster. Every assertion holds for both, so a replica answers the same
 whichever backend it uses."""
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ MODEL = "m"
 CAP = 4
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def index(request: pytest.FixtureRequest) -> Iterator[BlockIndex]:
     if request.param == "memory":
         ix = Indexer(hash_seed="42", shards=1, max_pods_per_key=CAP)
         yield MemoryIndex(ix, max_pods_per_key=CAP)
         ix.close()
         return
-    url = parse_backend(request.getfixturevalue("redis_url"))
+    fixture = "redis_url" if request.param == "redis" else "redis_cluster_url"
+    url = parse_backend(request.getfixturevalue(fixture))
     assert url is not None
     rx = RedisIndex(url, hash_seed="42", max_pods_per_key=CAP, timeout=5.0)
     yield rx
