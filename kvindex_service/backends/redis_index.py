@@ -91,20 +91,22 @@ if #ARGV > 0 then
   filter = {}
   for _, p in ipairs(ARGV) do filter[p] = true end
 end
-local alive, out = nil, {}
+local alive, out = {}, {}
 for i, k in ipairs(KEYS) do
   local fields = redis.call('HKEYS', k)
-  local nxt, any = {}, false
+  local any = false
   for _, f in ipairs(fields) do
-    local p = string.match(f, '^(.*)\\31')
-    if p and ((alive == nil and (filter == nil or filter[p])) or (alive ~= nil and alive[p])) then
-      nxt[p] = true
-      any = true
+    local cut = string.find(f, '\\31', 1, true)
+    if cut then
+      local p = string.sub(f, 1, cut - 1)
+      if (i == 1 and (filter == nil or filter[p])) or alive[p] == i - 1 then
+        alive[p] = i
+        any = true
+      end
     end
   end
   if not any then break end
   out[i] = table.concat(fields, '\\30')
-  alive = nxt
 end
 return out
 """
@@ -208,7 +210,11 @@ class RedisIndex:
             self._seen.add((pod, tag))
 
     def apply_records(self, pod: str, model: str, records: Sequence[tuple[str, str, Sequence[int]]]) -> list[int]:
-        """Apply decoded records in order; [added, removed, refused] entries."""
+        """Apply decoded records in order; [added, removed, refused] entries. Pod and tier
+        names may not contain the separators 0x1e / 0x1f (ValueError)."""
+        if _SEP in pod or "\x1e" in pod:
+            raise ValueError(f"pod name {pod!r} contains a 0x1e/0x1f separator")
+        records = [r for r in records if _SEP not in r[1] and "\x1e" not in r[1]]
         tag = self.tag(model)
         total = [0, 0, 0]
         keys: list[bytes] = []
