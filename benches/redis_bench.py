@@ -186,7 +186,10 @@ def main() -> int:
         # -- /score over HTTP -----------------------------------------------------------------
         http: dict[str, Any] = {}
         base = {"http": {"host": "127.0.0.1", "port": 0}, "zmq": {"bind": None}}
-        for name, index in (("memory", {"hash_seed": SEED}), ("redis", {"hash_seed": SEED, "backend": url, "backend_timeout": 2.0})):
+        for name, index in (
+            ("memory", {"hash_seed": SEED}),
+            ("redis", {"hash_seed": SEED, "backend": url, "backend_timeout": 2.0}),
+        ):
             settings = Settings.model_validate({**base, "index": index})
             with http_server(settings) as (srv, runtime), httpx.Client(base_url=srv, timeout=10) as c:
                 if name == "memory":  # this server's own index gets the same entries
