@@ -57,6 +57,7 @@ class SharedIndex:
         self.index = index
         self.buffer = buffer
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self._count_lock = threading.Lock()  # scores count from request threads
         self.up = False
         self.last_error: str | None = None
         self._queue: deque[_Item] = deque()
@@ -84,12 +85,16 @@ class SharedIndex:
             self._thread.join(timeout)
         self.index.close()
 
+    def count(self, name: str, n: int = 1) -> None:
+        with self._count_lock:
+            self.counters[name] += n
+
     # -- write path ----------------------------------------------------------------------
     def put(self, kind: str, pod: str, model: str = "", payload: bytes = b"") -> bool:
         """Queue one item; False (and counted) when the buffer is full."""
         with self._cv:
             if len(self._queue) >= self.buffer:
-                self.counters["batches_dropped"] += 1
+                self.count("batches_dropped")
                 return False
             self._queue.append((kind, pod, model, payload))
             self._cv.notify_all()
@@ -123,7 +128,7 @@ class SharedIndex:
             try:
                 self._write(item)
             except BackendError as exc:
-                self.counters["write_errors"] += 1
+                self.count("write_errors")
                 self._down(exc)
                 with self._cv:
                     self._busy = False
@@ -134,7 +139,7 @@ class SharedIndex:
                 continue
             except Exception:  # a bug must not kill the writer: drop the item, count it
                 logger.exception("shared index write failed")
-                self.counters["batches_dropped"] += 1
+                self.count("batches_dropped")
             backoff = _BACKOFF_MIN
             self._up()
             with self._cv:
@@ -146,12 +151,12 @@ class SharedIndex:
         kind, pod, model, payload = item
         if kind == "batch":
             r = self.index.apply_batch(pod, model, payload)
-            self.counters["batches_applied"] += 1
-            self.counters["entries_added"] += r["added"]
-            self.counters["entries_removed"] += r["removed"]
-            self.counters["entries_refused"] += r["refused"]
-            self.counters["unknown_parents"] += r["unknown_parents"]
-            self.counters["decode_errors"] += r["decode_errors"]
+            self.count("batches_applied")
+            self.count("entries_added", r["added"])
+            self.count("entries_removed", r["removed"])
+            self.count("entries_refused", r["refused"])
+            self.count("unknown_parents", r["unknown_parents"])
+            self.count("decode_errors", r["decode_errors"])
         elif kind == "clear":
             self.index.clear_pod(pod)
         else:
@@ -166,7 +171,7 @@ class SharedIndex:
     def _up(self) -> None:
         if not self.up:
             if self.last_error is not None:
-                self.counters["reconnects"] += 1
+                self.count("reconnects")
                 logger.info("shared index reachable again")
             self.up = True
             self.last_error = None
@@ -188,14 +193,14 @@ class SharedIndex:
     ) -> tuple[ScoreResult, bool]:
         """(result, degraded): from the shared index, else from ``fallback`` (this replica's
         own copy, when it ingests) or nothing."""
-        self.counters["scores"] += 1
+        self.count("scores")
         try:
             result = self.index.score(model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pods)
             self._up()
             return result, False
         except BackendError as exc:
             self._down(exc)
-            self.counters["scores_degraded"] += 1
+            self.count("scores_degraded")
         pod_list = list(pods) if pods is not None else None
         if fallback is not None:
             return fallback.score(model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pod_list), True
