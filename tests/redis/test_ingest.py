@@ -87,3 +87,34 @@ def test_the_decoder_memory_is_bounded() -> None:
     for i in range(50):
         d.decode("m", _batch(["BlockStored", [i], None, list(range(16)), 16, None, None]))
     assert d.known <= 10
+
+
+def test_one_round_trip_per_batch_and_per_score(redis_url: str) -> None:
+    """Counted by the server itself (INFO commandstats): a batch is one EVALSHA, a score is one
+    EVALSHA, whatever the number of blocks."""
+    import redis as redis_py
+
+    mem, rx = _pair({"pythonhashseed": "42", "hash_algo": "sha256_cbor", "block_size": 16}, redis_url)
+    toks = list(range(1000, 1512))  # 32 blocks
+    keys = mem.block_keys(toks)
+    rx.apply_batch("p", "m", _batch(["BlockStored", keys[:16], None, toks[:256], 16, None, None]))  # registers p
+    url = parse_backend(redis_url)
+    assert url is not None
+    admin = redis_py.Redis(host=url.host, port=url.port)
+    rx.score("m", toks)  # loads the lookup script (a first EVALSHA answers NOSCRIPT)
+    admin.config_resetstat()
+    rx.apply_batch("p", "m", _batch(["BlockStored", keys[16:], keys[15], toks[256:], 16, None, None]))
+    rx.score("m", toks)
+    stats = admin.info("commandstats")
+    used = {
+        k.removeprefix("cmdstat_"): v["calls"]
+        for k, v in stats.items()
+        if not k.startswith(("cmdstat_config", "cmdstat_info"))
+    }
+    # commandstats also counts the commands the scripts run; every other one would be a round trip
+    in_scripts = {"hexists", "hlen", "hset", "sadd", "pexpire", "hkeys"}
+    assert used.pop("evalsha") == 2 and set(used) <= in_scripts, used
+    assert rx.score("m", toks).scores[0].matched_blocks == 32
+    admin.close()
+    rx.close()
+    mem.close()
