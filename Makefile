@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.deps-stamp
 RUST_SRC := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml
 
-.PHONY: help run test test-rust test-py test-k8s build bench bench-rust bench-py demo lint stubtest fuzz clean
+.PHONY: help run test test-rust test-py test-k8s test-redis build bench bench-redis bench-rust bench-py demo lint stubtest fuzz clean
 
 ## help: list the targets
 help:
@@ -41,13 +41,23 @@ test-rust:
 
 ## test-py: pytest (includes the schemathesis contract test; the Kubernetes suite is test-k8s)
 test-py: build
-	$(PY) -m pytest -q tests --ignore=tests/k8s
+	$(PY) -m pytest -q tests --ignore=tests/k8s --ignore=tests/redis
 
 ## test-k8s: pod discovery and the Helm chart against a real etcd + kube-apiserver (kube-apiserver and helm built once into ~/.cache/kvindex)
 test-k8s: build
 	@command -v etcd >/dev/null || { echo "test-k8s needs etcd: apt-get install -y etcd-server" >&2; exit 2; }
 	apiserver=$$(tools/k8s/build-kube-apiserver.sh) && helm=$$(tools/helm/build-helm.sh) && \
 	KVINDEX_REQUIRE_K8S=1 KVINDEX_KUBE_APISERVER=$$apiserver KVINDEX_HELM=$$helm $(PY) -m pytest -q tests/k8s -p no:cacheprovider
+
+## test-redis: the shared index (index.backend) against a real redis-server (apt-get install redis-server)
+test-redis: build
+	@command -v redis-server >/dev/null || { echo "test-redis needs redis-server: apt-get install -y redis-server" >&2; exit 2; }
+	KVINDEX_REQUIRE_REDIS=1 $(PY) -m pytest -q tests/redis -p no:cacheprovider
+
+## bench-redis: /score latency, ingestion and memory per entry: memory vs Redis vs llm-d's layout
+bench-redis: build
+	mkdir -p benches/out
+	$(PY) benches/redis_bench.py --out benches/out/redis-bench.json
 
 ## stubtest: check the native module's type stub against the built extension
 stubtest: build
@@ -64,7 +74,7 @@ lint: build
 	$(PY) -m mypy.stubtest kvindex_service._native
 
 ## bench: every benchmark
-bench: bench-rust bench-py
+bench: bench-rust bench-py bench-redis
 
 ## bench-rust: criterion benchmarks of the core
 bench-rust:

@@ -10,6 +10,7 @@ from kvindex_service._native import (
     KvIndexError,
     PodScore,
     PodState,
+    RecordDecoder,
     ScoreResult,
     SnapshotError,
     SnapshotMismatchError,
@@ -18,6 +19,8 @@ from kvindex_service._native import (
     TokenProcessor,
     __version__,
     index_defaults,
+    score_entries,
+    score_packed,
 )
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "KvIndexError",
     "PodScore",
     "PodState",
+    "RecordDecoder",
     "ScoreResult",
     "SnapshotError",
     "SnapshotMismatchError",
@@ -38,4 +42,6 @@ __all__ = [
     "TokenProcessor",
     "__version__",
     "index_defaults",
+    "score_entries",
+    "score_packed",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "KvIndexError",
     "PodScore",
     "PodState",
+    "RecordDecoder",
     "ScoreResult",
     "SnapshotError",
     "SnapshotMismatchError",
@@ -26,6 +27,8 @@ __all__ = [
     "TokenProcessor",
     "__version__",
     "index_defaults",
+    "score_entries",
+    "score_packed",
 ]
 
 __version__: str
@@ -276,3 +279,46 @@ class Indexer:
     def check_snapshot_header(self, data: bytes) -> None:
         """Check only the header (``data`` may end right after it): SnapshotMismatchError when
         it was written with another block size, algorithm or seed."""
+
+# -- the core's share of a shared (Redis / Valkey) index: no storage, no network -------------
+@final
+class RecordDecoder:
+    """Msgpack event batches -> index records keyed by kvindex's block keys (computed from the
+    tokens). Remembers up to ``max_known`` engine hashes (two generations) to resolve parents,
+    removals and token-less stores."""
+
+    def __new__(
+        cls,
+        *,
+        block_size: int = 16,
+        hash_seed: str | None = None,
+        algorithm: str = "sha256_cbor",
+        max_known: int = 1_000_000,
+    ) -> Self: ...
+    @property
+    def known(self) -> int: ...
+    def decode(self, model: str, payload: bytes) -> tuple[list[tuple[str, str, list[int]]], dict[str, int]]:
+        """(records, counts): records are ("store" | "remove", tier, keys) or ("clear", "", []);
+        counts: events, unknown_parents, decode_errors, unknown_event_types. Never raises."""
+
+def score_entries(
+    entries: Sequence[Sequence[tuple[str, str]]],
+    *,
+    block_size: int,
+    total_blocks: int,
+    total_tokens: int,
+    tier_weights: Mapping[str, float] | None = None,
+    pods: Sequence[str] | None = None,
+) -> ScoreResult:
+    """Score per-key (pod, tier) entries (block order) with the rules of ``Indexer.score``."""
+
+def score_packed(
+    packed: Sequence[bytes],
+    *,
+    block_size: int,
+    total_blocks: int,
+    total_tokens: int,
+    tier_weights: Mapping[str, float] | None = None,
+    pods: Sequence[str] | None = None,
+) -> ScoreResult:
+    """``score_entries`` over one byte string per key: ``pod 0x1f tier`` items joined by 0x1e."""

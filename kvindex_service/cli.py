@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hash-seed", help="vLLM's PYTHONHASHSEED (default: unset)")
     serve.add_argument("--hash-algo", help="block-key algorithm (default sha256_cbor)")
     serve.add_argument(
+        "--index-backend", metavar="URL", help="memory (default) or a shared index: redis://host:port/db, valkey://..."
+    )
+    serve.add_argument(
         "--tokenizer",
         action="append",
         type=_tokenizer,
@@ -195,6 +198,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("index", "block_size", args.block_size)
     put("index", "hash_seed", args.hash_seed)
     put("index", "hash_algo", args.hash_algo)
+    put("index", "backend", args.index_backend)
     put("tokenizers", "sources", dict(args.tokenizer) if args.tokenizer else None)
     put("tokenizers", "chat_templates", dict(args.chat_template) if args.chat_template else None)
     put("log", "level", args.log_level)

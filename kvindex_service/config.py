@@ -156,6 +156,29 @@ class IndexSettings(_Section):
         le=16,
         description="tier names besides the built-in and weighted ones one pod may use at once",
     )
+    backend: str = Field(
+        default="memory",
+        description="memory, or a shared index: redis://host:port/db, rediss://, valkey://, redis+cluster://",
+    )
+    backend_timeout: float = Field(default=0.05, gt=0, description="shared index: deadline of one /score lookup (s)")
+    backend_ttl: float = Field(
+        default=0,
+        ge=0,
+        description="shared index: a block key expires this long after its last store (s); 0 = never (use maxmemory-policy)",
+    )
+    backend_buffer: int = Field(
+        default=10_000,
+        ge=1,
+        description="shared index: event batches held while it is unreachable, then dropped (counted)",
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_url(cls, value: str) -> str:
+        from kvindex_service.backends.url import parse_backend
+
+        parse_backend(value)  # raises ValueError naming the problem
+        return value
 
     @field_validator("hash_seed", mode="before")
     @classmethod

@@ -13,6 +13,9 @@ Warm restart (``snapshot.warm_from`` / ``snapshot.file``, see ``kvindex_service.
 subscriber starts only after the snapshot is loaded, on a background thread, so HTTP is up and
 ``/readyz`` answers 503 "loading snapshot" meanwhile; each pod's stream then resumes from the
 restored sequence number. At stop the snapshot file is written after the final flush.
+Shared index (``index.backend`` a Redis / Valkey URL, see ``kvindex_service.backends``): the
+subscriber feeds a ``Tee`` (the local index and the shared one's writer), scoring reads the
+shared index, and ``/readyz`` carries the condition "index backend unreachable" while it is.
 Readiness is a registry of conditions (``add_readiness_condition``) on top of the built-in
 checks.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kvindex_service._native import Indexer
 from kvindex_service.config import LLAMA32_MODELS, Settings
@@ -31,6 +34,7 @@ from kvindex_service.scoring import ScoringService
 from kvindex_service.snapshot import SnapshotSaver, check_file, load_at_start
 
 if TYPE_CHECKING:
+    from kvindex_service.backends.shared import SharedIndex
     from kvindex_service.discovery import Discovery
     from kvindex_service.events import Subscriber
     from kvindex_service.tokenization import TokenizerPool
@@ -69,6 +73,7 @@ class Runtime:
         self.discovery: Discovery | None = None
         self.tokenizers: TokenizerPool | None = None
         self.scoring: ScoringService | None = None
+        self.shared: SharedIndex | None = None
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False
@@ -89,6 +94,10 @@ class Runtime:
                 )
             )
         )
+        if self.settings.index.backend != "memory":
+            from kvindex_service.backends.metrics import BackendCollector
+
+            self.metrics.registry.register(BackendCollector(lambda: self.shared))
         if self.settings.discovery.enabled:
             from kvindex_service.discovery.metrics import DiscoveryCollector
 
@@ -135,6 +144,7 @@ class Runtime:
             key_memo=ix.key_memo,
             max_tiers_per_pod=ix.max_tiers_per_pod,
         )
+        self.shared = self._shared_index()
         tk = s.tokenizers
         sources = tk.effective_sources()
         self.tokenizers = TokenizerPool(
@@ -161,7 +171,7 @@ class Runtime:
 
         z = s.zmq
         self.subscriber = Subscriber(
-            self.indexer,
+            self._ingest_target(),
             bind=z.bind,
             pods=[PodEndpoint(p.endpoint, p.pod_id, p.replay_endpoint) for p in z.pods],
             topic_prefix=z.topic_prefix,
@@ -182,7 +192,7 @@ class Runtime:
 
             self.discovery = Discovery(s.discovery, self.subscriber, api=kube[0], namespace=kube[1])
             self.discovery.start()
-        self.scoring = ScoringService(self.indexer, self.tokenizers, metrics=self.metrics)
+        self.scoring = ScoringService(self.indexer, self.tokenizers, metrics=self.metrics, shared=self.shared)
         logger.info(
             "runtime started",
             extra={
@@ -193,6 +203,44 @@ class Runtime:
                 "tokenizer_models": len(self.tokenizers.models()),
             },
         )
+
+    def _shared_index(self) -> SharedIndex | None:
+        """The shared index's writer, started (an unreachable server is not fatal: batches
+        are buffered, scores degrade and ``/readyz`` says why)."""
+        ix = self.settings.index
+        if ix.backend == "memory":
+            return None
+        from kvindex_service.backends import parse_backend
+        from kvindex_service.backends.redis_index import RedisIndex
+        from kvindex_service.backends.shared import SharedIndex
+
+        url = parse_backend(ix.backend)
+        assert url is not None
+        index = RedisIndex(
+            url,
+            block_size=ix.block_size,
+            hash_seed=ix.hash_seed,
+            algorithm=ix.hash_algo,
+            tier_weights=ix.tier_weights,
+            max_pods_per_key=ix.max_pods_per_key,
+            ttl=ix.backend_ttl,
+            timeout=ix.backend_timeout,
+        )
+        shared = SharedIndex(index, buffer=ix.backend_buffer)
+        shared.start()
+        self.add_readiness_condition("backend", shared.reason)
+        logger.info("shared index", extra={"backend": url.redacted(), "up": shared.up})
+        return shared
+
+    def _ingest_target(self) -> Indexer:
+        """What the subscriber writes to: the local index, teed to the shared one."""
+        assert self.indexer is not None
+        if self.shared is None:
+            return self.indexer
+        from kvindex_service.backends.shared import Tee
+
+        # the subscriber only calls submit / clear_pod / remove_pod / flush / pod_state(s)
+        return cast("Indexer", Tee(self.indexer, self.shared))
 
     def _start_ingest(self) -> None:
         """Start the subscriber now, or (a snapshot configured) after loading it, on a thread."""
@@ -298,6 +346,13 @@ class Runtime:
                 self.subscriber.stop(timeout=timeout)
             except Exception:
                 logger.exception("subscriber stop failed")
+        if self.shared is not None:
+            try:
+                if not self.shared.flush(timeout):
+                    logger.warning("shared index flush timed out", extra={"buffered": self.shared.buffered})
+                self.shared.stop(timeout=0.5)
+            except Exception:
+                logger.exception("shared index stop failed")
         if self.indexer is not None:
             try:
                 if not self.indexer.flush(timeout):
@@ -345,6 +400,8 @@ class Runtime:
             checks["reasons"] = reasons
             checks["ready"] = False
         checks["snapshot"] = self.snapshot_state
+        if self.shared is not None:
+            checks["backend"] = "up" if self.shared.up else "down"
         return checks
 
     def ready(self) -> bool:

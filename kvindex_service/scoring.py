@@ -15,7 +15,10 @@ Request semantics worth knowing:
   without adding special tokens (the template already starts with BOS);
 * ``pods`` restricts the answer to those candidates and lists every one of them, with zeros
   when it holds nothing; without it only pods holding block 0 are listed;
-* ``best_pod`` is the first listed pod with a positive score, else null.
+* ``best_pod`` is the first listed pod with a positive score, else null;
+* with a shared index (``index.backend`` set to a Redis / Valkey URL) the scores come from it;
+  if it cannot answer within ``index.backend_timeout`` the answer is ``degraded: true`` and
+  comes from this replica's own copy of the index (when it ingests) or is empty.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from kvindex_service._native import Indexer, ScoreResult
 
 if TYPE_CHECKING:
+    from kvindex_service.backends.shared import SharedIndex
     from kvindex_service.metrics import ServiceMetrics
     from kvindex_service.tokenization import Tokenized, TokenizerPool
 
@@ -137,6 +141,9 @@ class ScoreResponse(BaseModel):
     from_prefix_store: bool = False
     cached_tokens: int = 0
     exact: bool = True
+    degraded: bool = Field(
+        default=False, description="the shared index did not answer in time: scores from this replica's copy or none"
+    )
     scores: list[PodScoreOut]
 
 
@@ -147,6 +154,7 @@ class Scored:
     request: ScoreRequest
     result: ScoreResult
     tokenized: Tokenized | None  # None when the request carried token ids
+    degraded: bool = False  # the shared index did not answer (see the module docstring)
 
 
 class ScoringService:
@@ -154,7 +162,8 @@ class ScoringService:
 
     ``tokenizers`` may be None when only token ids will be scored. ``metrics`` records score
     and tokenization latency when given. The block size is the indexer's; ``block_size``, if
-    given, must agree with it.
+    given, must agree with it. ``shared``: score from the shared index, with ``indexer``
+    (this replica's own copy) as the degraded fallback when ``local_fallback``.
     """
 
     def __init__(
@@ -164,11 +173,15 @@ class ScoringService:
         *,
         block_size: int | None = None,
         metrics: ServiceMetrics | None = None,
+        shared: SharedIndex | None = None,
+        local_fallback: bool = True,
     ) -> None:
         if block_size is not None and block_size != indexer.block_size:
             raise ValueError(f"block_size {block_size} does not match the indexer's {indexer.block_size}")
         self.indexer = indexer
         self.tokenizers = tokenizers
+        self.shared = shared
+        self.local_fallback = local_fallback
         self._score_hist = None if metrics is None else metrics.score_seconds
         self._tok_hist = None if metrics is None else metrics.tokenize_seconds
         self._metrics = metrics
@@ -217,14 +230,36 @@ class ScoringService:
         input_kind: str = "token_ids",
     ) -> ScoreResult:
         """Score token ids now, on this thread (the core releases the GIL)."""
+        return self.score_tokens_degraded(
+            model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pods, input_kind=input_kind
+        )[0]
+
+    def score_tokens_degraded(
+        self,
+        model: str,
+        token_ids: list[int],
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        pods: list[str] | None = None,
+        input_kind: str = "token_ids",
+    ) -> tuple[ScoreResult, bool]:
+        """``score_tokens`` and whether the answer is degraded (shared index unreachable)."""
         t0 = time.perf_counter()
-        result = self.indexer.score(model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pods)
+        degraded = False
+        if self.shared is not None:
+            fallback = self.indexer if self.local_fallback else None
+            result, degraded = self.shared.score(
+                model, token_ids, fallback=fallback, lora_name=lora_name, cache_salt=cache_salt, pods=pods
+            )
+        else:
+            result = self.indexer.score(model, token_ids, lora_name=lora_name, cache_salt=cache_salt, pods=pods)
         if self._score_hist is not None:
             self._score_hist.labels(input_kind).observe(time.perf_counter() - t0)
         if self._metrics is not None:  # the estimated prefix hit rate's two halves
             self._metrics.score_prompt_blocks.inc(result.total_blocks)
             self._metrics.score_matched_blocks.inc(max((s.matched_blocks for s in result.scores), default=0))
-        return result
+        return result, degraded
 
     async def evaluate(self, req: ScoreRequest) -> Scored:
         """Tokenize if needed, then score; the raw native result for custom presentations."""
@@ -237,11 +272,11 @@ class ScoringService:
             "pods": req.pods,
             "input_kind": req.input_kind,
         }
-        if len(ids) <= INLINE_SCORE_MAX_TOKENS:
-            result = self.score_tokens(req.model, ids, **kwargs)
-        else:
-            result = await asyncio.to_thread(self.score_tokens, req.model, ids, **kwargs)
-        return Scored(req, result, tok)
+        if len(ids) <= INLINE_SCORE_MAX_TOKENS and self.shared is None:
+            result, degraded = self.score_tokens_degraded(req.model, ids, **kwargs)
+        else:  # long prompts, and every network round trip, leave the event loop free
+            result, degraded = await asyncio.to_thread(self.score_tokens_degraded, req.model, ids, **kwargs)
+        return Scored(req, result, tok, degraded)
 
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         return self.present(await self.evaluate(req))
@@ -271,6 +306,7 @@ class ScoringService:
             from_prefix_store=bool(tok and tok.from_prefix_store),
             cached_tokens=tok.cached_tokens if tok else 0,
             exact=tok.exact if tok else True,
+            degraded=scored.degraded,
             scores=scores,
         )
 

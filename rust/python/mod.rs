@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 mod convert;
 mod errors;
+mod records;
 mod results;
 
 use convert::*;
@@ -429,5 +430,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPodState>()?;
     m.add_class::<PyIndexStats>()?;
     m.add_class::<PySnapshotStream>()?;
+    records::register(m)?;
     Ok(())
 }
