@@ -10,10 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvindex_service import TokenProcessor
-
 from .bounds import reuse_bound
-from .engine import FleetConfig, ServiceModel, simulate
+from .engine import FleetConfig, ServiceModel, block_keys_for, simulate
 from .report import format_table, router_metrics, write_json, write_plot
 from .routers import router_names
 from .workloads import (
@@ -208,10 +206,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     with tqdm(
         total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
     ) as bar:
-        runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update)
+        keys = block_keys_for(cfg)
+        runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update, keys=keys)
     span = max(args.duration, requests[-1].arrival)
     results = {run_.router: router_metrics(run_, span=span) for run_ in runs}
-    bound = reuse_bound(requests, TokenProcessor(cfg.block_size, cfg.hash_seed, "sha256_cbor"))
+    bound = reuse_bound(requests, keys)
     for m in results.values():
         m["hit_rate_of_bound"] = (
             m["hit_rate"] / bound["hit_rate"] if m["hit_rate"] is not None and bound["hit_rate"] else None

@@ -135,9 +135,9 @@ class KvindexFeed:
         if not self.indexer.flush(max(0.0, deadline - time.monotonic())):
             raise IngestTimeout(f"kvindex did not apply the events it received within {self.sync_timeout} s")
 
-    def check(self, pod: SimPod, token_ids: Sequence[int]) -> None:
-        """Compare the index's view of ``pod`` with its true pool for this prompt."""
-        keys = self.indexer.block_keys(token_ids)
+    def check(self, pod: SimPod, keys: Sequence[int]) -> None:
+        """Compare the index's view of ``pod`` with its true pool for a prompt's block keys
+        (as the pod hashes them; the Indexer hashes the same way)."""
         held = self.indexer.lookup(self.model, keys, pods=[pod.pod_id])
         acc = self.accuracy
         acc.decisions += 1
