@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Coroutine, Iterable, Sequence
-from itertools import takewhile
+from itertools import repeat, takewhile
 from typing import TYPE_CHECKING, Any
 
 from .keys import BlockKeys
@@ -164,8 +164,8 @@ class _ChunkLRU:
     def add(self, keys: Sequence[int]) -> None:
         """Touch ``keys`` in order (the last one ends most recent), then evict the oldest."""
         lru = self._keys
-        _consume(map(lru.__delitem__, [k for k in keys if k in lru]))
-        lru.update(dict.fromkeys(keys))
+        _consume(map(lru.__delitem__, list(filter(lru.__contains__, keys))))
+        _consume(map(lru.__setitem__, keys, repeat(None)))
         for _ in range(len(lru) - self.capacity):
             lru.popitem(last=False)
 

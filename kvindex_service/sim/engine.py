@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import zmq
 
@@ -138,6 +138,35 @@ class _Fleet:
 
 
 _ARRIVAL, _FINISH = 0, 1
+
+
+class _Joined(Sequence[int]):
+    """Prompt + output as one sequence without copying both (a pod slices a few blocks)."""
+
+    def __init__(self, head: Sequence[int], tail: Sequence[int]) -> None:
+        self._head, self._tail = head, tail
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._tail)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int]:
+        n = len(self._head)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if stop <= n:
+                return self._head[start:stop]
+            if start >= n:
+                return self._tail[start - n : stop - n]
+            return [*self._head[start:], *self._tail[: stop - n]]
+        if i < 0:
+            i += len(self)
+        return self._head[i] if i < n else self._tail[i - n]
 
 
 def block_keys_for(cfg: FleetConfig) -> BlockKeys:
@@ -276,7 +305,8 @@ def _serve(
         else:
             i, done, alloc = item
             assert isinstance(alloc, Allocation)
-            fleet.servers[i].pod.finish(alloc, done.token_ids + done.output_ids, now, keys=fleet.keys.full(done))
+            full = _Joined(done.token_ids, done.output_ids)
+            fleet.servers[i].pod.finish(alloc, full, now, keys=fleet.keys.full(done))
             fleet.servers[i].running -= 1
             try_admit(i, now)
     return [records[r.rid] for r in requests]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import takewhile
+from operator import gt, lt
 from typing import Any
 
 import zmq
@@ -138,24 +140,14 @@ class KvindexFeed:
     def check(self, pod: SimPod, keys: Sequence[int]) -> None:
         """Compare the index's view of ``pod`` with its true pool for a prompt's block keys
         (as the pod hashes them; the Indexer hashes the same way)."""
-        held = self.indexer.lookup(self.model, keys, pods=[pod.pod_id])
+        in_index = list(map(bool, self.indexer.lookup(self.model, keys, pods=[pod.pod_id])))
+        in_pool = pod.pool.held(keys)
         acc = self.accuracy
         acc.decisions += 1
         acc.blocks += len(keys)
-        idx_prefix = true_prefix = 0
-        idx_run = true_run = True
-        for key, entries in zip(keys, held, strict=True):
-            in_index = bool(entries)
-            in_pool = pod.pool.holds(key)
-            if in_index and not in_pool:
-                acc.false_hits += 1
-            elif in_pool and not in_index:
-                acc.false_misses += 1
-            idx_run = idx_run and in_index
-            true_run = true_run and in_pool
-            idx_prefix += idx_run
-            true_prefix += true_run
-        if idx_prefix != true_prefix:
+        acc.false_hits += sum(map(gt, in_index, in_pool))  # True > False: indexed, not held
+        acc.false_misses += sum(map(lt, in_index, in_pool))
+        if len(list(takewhile(bool, in_index))) != len(list(takewhile(bool, in_pool))):
             acc.prefix_mismatches += 1
 
     def close(self) -> None:

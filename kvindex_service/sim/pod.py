@@ -16,7 +16,8 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice, repeat, takewhile
+from itertools import compress, islice, repeat, takewhile
+from operator import not_
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -164,13 +165,16 @@ class BlockPool:
             cached.update(zip(new_keys, ids))
             _consume(map(self._key.__setitem__, ids, new_keys))
             return list(zip(range(start, end), new_keys))
-        stored: list[tuple[int, int]] = []
-        for i, key, b in zip(range(start, end), new_keys, ids, strict=True):
-            if key not in cached:
-                cached[key] = b
-                self._key[b] = key
-                stored.append((i, key))
-        return stored
+        fresh = list(map(not_, map(cached.__contains__, new_keys)))
+        new_keys = list(compress(new_keys, fresh))
+        ids = list(compress(ids, fresh))
+        cached.update(zip(new_keys, ids))
+        _consume(map(self._key.__setitem__, ids, new_keys))
+        return list(zip(compress(range(start, end), fresh), new_keys))
+
+    def held(self, keys: Iterable[int]) -> list[bool]:
+        """Per key, whether the pool holds it."""
+        return list(map(self._cached.__contains__, keys))
 
     def free(self, alloc: Allocation) -> None:
         """Unpin; the sequence's tail goes to the queue first so it is evicted first."""
@@ -178,7 +182,7 @@ class BlockPool:
         ref = self._ref
         left = [ref[b] - 1 for b in ids]
         _consume(map(ref.__setitem__, ids, left))
-        self._free.update(dict.fromkeys([b for b, n in zip(ids, left, strict=True) if n == 0]))
+        _consume(map(self._free.__setitem__, compress(ids, map(not_, left)), repeat(None)))
         alloc.block_ids = []
 
 
