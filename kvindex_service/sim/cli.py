@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .bounds import reuse_bound
-from .engine import FleetConfig, ServiceModel, block_keys_for, simulate
+from .engine import FleetConfig, RouterRun, ServiceModel, block_keys_for, simulate
 from .report import format_table, router_metrics, write_json, write_plot
 from .routers import router_names
 from .workloads import (
@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", type=Path, help="write the full report as JSON")
     o.add_argument("--plot", type=Path, help="write a PNG plot")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run the routers in this many processes (same numbers; no progress bar when > 1)",
+    )
     o.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -157,6 +163,25 @@ def _requests(args: argparse.Namespace) -> list[Request]:
     )
 
 
+def _simulate_group(args: argparse.Namespace, cfg: FleetConfig, routers: list[str]) -> list[RouterRun]:
+    """One worker process: rebuild the (deterministic) request list, run its routers."""
+    return simulate(_requests(args), cfg, routers, seed=args.seed)
+
+
+def _simulate_parallel(args: argparse.Namespace, cfg: FleetConfig, routers: list[str]) -> list[RouterRun]:
+    """Routers split over ``--jobs`` spawned processes (each rebuilds the request list rather
+    than receiving it pickled); every run is deterministic, so the numbers do not change."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = min(args.jobs, len(routers))
+    groups = [routers[i::jobs] for i in range(jobs)]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = [f.result() for f in [pool.submit(_simulate_group, args, cfg, g) for g in groups]]
+    by_name = {run_.router: run_ for group in done for run_ in group}
+    return [by_name[name] for name in routers]
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Simulate as the parsed flags say; print the table; return the JSON report."""
     _positive(
@@ -171,6 +196,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "prompts_per_group",
         "turns",
         "approx_capacity",
+        "jobs",
     )
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     known = router_names()
@@ -202,12 +228,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     )
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    show = not args.quiet and sys.stderr.isatty()
-    with tqdm(
-        total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
-    ) as bar:
-        keys = block_keys_for(cfg)
-        runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update, keys=keys)
+    keys = block_keys_for(cfg)
+    if args.jobs > 1 and len(routers) > 1:
+        runs = _simulate_parallel(args, cfg, routers)
+    else:
+        show = not args.quiet and sys.stderr.isatty()
+        with tqdm(
+            total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
+        ) as bar:
+            runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update, keys=keys)
     span = max(args.duration, requests[-1].arrival)
     results = {run_.router: router_metrics(run_, span=span) for run_ in runs}
     bound = reuse_bound(requests, keys)
