@@ -13,7 +13,7 @@ from typing import Any
 from .bounds import reuse_bound
 from .engine import FleetConfig, RouterRun, ServiceModel, block_keys_for, simulate
 from .report import format_table, router_metrics, write_json, write_plot
-from .routers import router_names
+from .routers import make_router, router_names
 from .workloads import (
     Request,
     TraceError,
@@ -163,23 +163,43 @@ def _requests(args: argparse.Namespace) -> list[Request]:
     )
 
 
+def _cost(router: str) -> int:
+    return 3 if make_router(router, 0).needs_events else 1
+
+
 def _simulate_group(args: argparse.Namespace, cfg: FleetConfig, routers: list[str]) -> list[RouterRun]:
     """One worker process: rebuild the (deterministic) request list, run its routers."""
     return simulate(_requests(args), cfg, routers, seed=args.seed)
 
 
-def _simulate_parallel(args: argparse.Namespace, cfg: FleetConfig, routers: list[str]) -> list[RouterRun]:
-    """Routers split over ``--jobs`` spawned processes (each rebuilds the request list rather
-    than receiving it pickled); every run is deterministic, so the numbers do not change."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+class _Parallel:
+    """Routers split over ``--jobs`` spawned processes, started before the parent builds its
+    own request list (each worker rebuilds it rather than receiving it pickled); every run is
+    deterministic, so the numbers do not change."""
 
-    jobs = min(args.jobs, len(routers))
-    groups = [routers[i::jobs] for i in range(jobs)]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = [f.result() for f in [pool.submit(_simulate_group, args, cfg, g) for g in groups]]
-    by_name = {run_.router: run_ for group in done for run_ in group}
-    return [by_name[name] for name in routers]
+    def __init__(self, args: argparse.Namespace, cfg: FleetConfig, routers: list[str]) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        jobs = min(args.jobs, len(routers))
+        # Longest first onto the least busy process; the event-fed routers (real sockets,
+        # the real picker) cost about three of the others.
+        groups: list[list[str]] = [[] for _ in range(jobs)]
+        busy = [0] * jobs
+        for name in sorted(routers, key=lambda n: -_cost(n)):
+            i = busy.index(min(busy))
+            groups[i].append(name)
+            busy[i] += _cost(name)
+        self.routers = routers
+        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        self._futures = [self._pool.submit(_simulate_group, args, cfg, g) for g in groups]
+
+    def result(self) -> list[RouterRun]:
+        by_name = {run_.router: run_ for f in self._futures for run_ in f.result()}
+        return [by_name[name] for name in self.routers]
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
@@ -208,9 +228,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         args.rate = rate_default
     capacity = args.pod_capacity if args.pod_capacity is not None else cap_default
     started = time.perf_counter()
-    requests = _requests(args)
-    if not requests:
-        raise ValueError("the workload produced no requests (duration too short or rate too low)")
     service = ServiceModel(
         prefill_s_per_token=args.prefill_ms_per_token / 1000,
         decode_s_per_token=args.decode_ms_per_token / 1000,
@@ -228,15 +245,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     )
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    keys = block_keys_for(cfg)
-    if args.jobs > 1 and len(routers) > 1:
-        runs = _simulate_parallel(args, cfg, routers)
-    else:
-        show = not args.quiet and sys.stderr.isatty()
-        with tqdm(
-            total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
-        ) as bar:
-            runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update, keys=keys)
+    parallel = _Parallel(args, cfg, routers) if args.jobs > 1 and len(routers) > 1 else None
+    try:
+        requests = _requests(args)
+        if not requests:
+            raise ValueError("the workload produced no requests (duration too short or rate too low)")
+        keys = block_keys_for(cfg)
+        if parallel is not None:
+            runs = parallel.result()
+        else:
+            show = not args.quiet and sys.stderr.isatty()
+            with tqdm(
+                total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
+            ) as bar:
+                runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update, keys=keys)
+    finally:
+        if parallel is not None:
+            parallel.close()
     span = max(args.duration, requests[-1].arrival)
     results = {run_.router: router_metrics(run_, span=span) for run_ in runs}
     bound = reuse_bound(requests, keys)
