@@ -113,6 +113,7 @@ class KvindexFeed:
         """
         deadline = time.monotonic() + self.sync_timeout
         pending = [p for p in self.pods if p.publisher is not None and p.publisher.last_seq is not None]
+        pause = 0.00005
         while pending:
             still = []
             for p in pending:
@@ -131,9 +132,11 @@ class KvindexFeed:
                     f"kvindex did not receive the events of {[p.pod_id for p in pending]} within {self.sync_timeout} s"
                 )
             # Wait for what the subscriber has received to reach the core (returns at once
-            # when nothing new has arrived yet, hence the short pause).
+            # when nothing new has arrived yet, hence the pause). The pause doubles up to
+            # 2 ms: spinning here held the GIL the subscriber needs to make progress.
             self.subscriber.sync(min(1.0, remaining))
-            time.sleep(0.0001)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.002)
         if not self.indexer.flush(max(0.0, deadline - time.monotonic())):
             raise IngestTimeout(f"kvindex did not apply the events it received within {self.sync_timeout} s")
 
