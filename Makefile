@@ -92,6 +92,14 @@ demo: build
 	mkdir -p benches/out
 	$(VENV)/bin/kvindex simulate --workload shared-prefix --pods 3 --duration 60 --seed 7 --plot benches/out/demo.png
 
+## sim-pressure: the simulator's cache-pressure run, precise vs approximate routing (docs/simulator.md; minutes)
+.PHONY: sim-pressure
+sim-pressure: build
+	mkdir -p benches/out
+	$(VENV)/bin/kvindex simulate --workload shared-prefix --pods 8 --groups 48 --system-tokens 2048 \
+	  --pod-capacity 640 --rate 16 --duration 120 --seed 7 \
+	  --routers round-robin,least-loaded,approximate,kvindex,oracle --json benches/out/pressure.json --plot benches/out/pressure.png
+
 ## fleet: serve, extproc and two fake vLLM pods on loopback (docs/fleet.md); Ctrl-C stops all
 .PHONY: fleet
 fleet: build

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Coroutine, Iterable, Sequence
+from itertools import repeat, takewhile
 from typing import TYPE_CHECKING, Any
 
+from .keys import BlockKeys
+from .pod import _consume
 from .policies import FleetView, Router, _best_prefix
 from .workloads import Request
 
 if TYPE_CHECKING:
-    from kvindex_service import TokenProcessor
     from kvindex_service.extproc import KvScores, Lease, Picker, PromptQuery
 
 __all__ = [
@@ -134,9 +136,8 @@ class OracleRouter(_PickerRouter):
 
     def pick(self, req: Request, fleet: FleetView) -> int:
         assert self.policy is not None, "bind() first"
-        pods = fleet.pods
-        keys = pods[0].processor.block_keys(req.token_ids)
-        matched = [p.pool.cached_prefix(keys) for p in pods]
+        keys = fleet.prompt_keys(req)
+        matched = [p.pool.cached_prefix(keys) for p in fleet.pods]
         return self.policy.choose(matched, len(keys), fleet, req.session)
 
 
@@ -146,9 +147,8 @@ class OracleGreedyRouter(Router):
     name = "oracle-greedy"
 
     def pick(self, req: Request, fleet: FleetView) -> int:
-        pods = fleet.pods
-        keys = pods[0].processor.block_keys(req.token_ids)
-        return _best_prefix(self, fleet, [p.pool.cached_prefix(keys) for p in pods])
+        keys = fleet.prompt_keys(req)
+        return _best_prefix(self, fleet, [p.pool.cached_prefix(keys) for p in fleet.pods])
 
 
 class _ChunkLRU:
@@ -158,20 +158,16 @@ class _ChunkLRU:
         self.capacity = capacity
         self._keys: OrderedDict[int, None] = OrderedDict()
 
-    def prefix(self, keys: Sequence[int]) -> int:
-        n = 0
-        for k in keys:
-            if k not in self._keys:
-                break
-            n += 1
-        return n
+    def prefix(self, keys: Iterable[int]) -> int:
+        return len(list(takewhile(self._keys.__contains__, keys)))
 
-    def add(self, keys: Iterable[int]) -> None:
-        for k in keys:
-            self._keys[k] = None
-            self._keys.move_to_end(k)
-        while len(self._keys) > self.capacity:
-            self._keys.popitem(last=False)
+    def add(self, keys: Sequence[int]) -> None:
+        """Touch ``keys`` in order (the last one ends most recent), then evict the oldest."""
+        lru = self._keys
+        _consume(map(lru.__delitem__, list(filter(lru.__contains__, keys))))
+        _consume(map(lru.__setitem__, keys, repeat(None)))
+        for _ in range(len(lru) - self.capacity):
+            lru.popitem(last=False)
 
 
 class ApproximateRouter(_PickerRouter):
@@ -190,31 +186,26 @@ class ApproximateRouter(_PickerRouter):
 
     def pick(self, req: Request, fleet: FleetView) -> int:
         assert self.policy is not None, "bind() first"
-        keys = fleet.pods[0].processor.block_keys(req.token_ids)
+        keys = fleet.prompt_keys(req)
         # No session affinity: a prefix-cache scorer knows prefixes, not sessions.
         choice = self.policy.choose([lru.prefix(keys) for lru in self._lru], len(keys), fleet, None)
         self._lru[choice].add(keys)
         return choice
 
 
-def reuse_bound(requests: Iterable[Request], processor: TokenProcessor) -> dict[str, Any]:
+def reuse_bound(requests: Iterable[Request], keys: BlockKeys) -> dict[str, Any]:
     """The infinite-cache reuse bound: prompt tokens in full blocks seen earlier in the stream
     (in a prompt or an output; never the block holding the prompt's last token, which vLLM
     always recomputes), over all prompt tokens. No router on any fleet can hit more."""
     seen: set[int] = set()
     reusable = total = 0
-    bs = processor.block_size
+    bs = keys.block_size
     for req in requests:
-        keys = processor.block_keys(req.token_ids)
         max_hit = (len(req.token_ids) - 1) // bs
-        n = 0
-        for k in keys[:max_hit]:
-            if k not in seen:
-                break
-            n += 1
+        n = len(list(takewhile(seen.__contains__, keys.prompt(req)[:max_hit])))
         reusable += n * bs
         total += len(req.token_ids)
-        seen.update(processor.block_keys(req.token_ids + req.output_ids))
+        seen.update(keys.full(req))
     return {
         "reusable_tokens": reusable,
         "prompt_tokens": total,

@@ -10,12 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvindex_service import TokenProcessor
-
 from .bounds import reuse_bound
-from .engine import FleetConfig, ServiceModel, simulate
+from .engine import FleetConfig, RouterRun, ServiceModel, block_keys_for, simulate
 from .report import format_table, router_metrics, write_json, write_plot
-from .routers import router_names
+from .routers import make_router, router_names
 from .workloads import (
     Request,
     TraceError,
@@ -108,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", type=Path, help="write the full report as JSON")
     o.add_argument("--plot", type=Path, help="write a PNG plot")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run the routers in this many processes (same numbers; no progress bar when > 1)",
+    )
     o.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -159,6 +163,45 @@ def _requests(args: argparse.Namespace) -> list[Request]:
     )
 
 
+def _cost(router: str) -> int:
+    return 3 if make_router(router, 0).needs_events else 1
+
+
+def _simulate_group(args: argparse.Namespace, cfg: FleetConfig, routers: list[str]) -> list[RouterRun]:
+    """One worker process: rebuild the (deterministic) request list, run its routers."""
+    return simulate(_requests(args), cfg, routers, seed=args.seed)
+
+
+class _Parallel:
+    """Routers split over ``--jobs`` spawned processes, started before the parent builds its
+    own request list (each worker rebuilds it rather than receiving it pickled); every run is
+    deterministic, so the numbers do not change."""
+
+    def __init__(self, args: argparse.Namespace, cfg: FleetConfig, routers: list[str]) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        jobs = min(args.jobs, len(routers))
+        # Longest first onto the least busy process; the event-fed routers (real sockets,
+        # the real picker) cost about three of the others.
+        groups: list[list[str]] = [[] for _ in range(jobs)]
+        busy = [0] * jobs
+        for name in sorted(routers, key=lambda n: -_cost(n)):
+            i = busy.index(min(busy))
+            groups[i].append(name)
+            busy[i] += _cost(name)
+        self.routers = routers
+        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        self._futures = [self._pool.submit(_simulate_group, args, cfg, g) for g in groups]
+
+    def result(self) -> list[RouterRun]:
+        by_name = {run_.router: run_ for f in self._futures for run_ in f.result()}
+        return [by_name[name] for name in self.routers]
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Simulate as the parsed flags say; print the table; return the JSON report."""
     _positive(
@@ -173,6 +216,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "prompts_per_group",
         "turns",
         "approx_capacity",
+        "jobs",
     )
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     known = router_names()
@@ -184,9 +228,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         args.rate = rate_default
     capacity = args.pod_capacity if args.pod_capacity is not None else cap_default
     started = time.perf_counter()
-    requests = _requests(args)
-    if not requests:
-        raise ValueError("the workload produced no requests (duration too short or rate too low)")
     service = ServiceModel(
         prefill_s_per_token=args.prefill_ms_per_token / 1000,
         decode_s_per_token=args.decode_ms_per_token / 1000,
@@ -204,14 +245,26 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     )
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    show = not args.quiet and sys.stderr.isatty()
-    with tqdm(
-        total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
-    ) as bar:
-        runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update)
+    parallel = _Parallel(args, cfg, routers) if args.jobs > 1 and len(routers) > 1 else None
+    try:
+        requests = _requests(args)
+        if not requests:
+            raise ValueError("the workload produced no requests (duration too short or rate too low)")
+        keys = block_keys_for(cfg)
+        if parallel is not None:
+            runs = parallel.result()
+        else:
+            show = not args.quiet and sys.stderr.isatty()
+            with tqdm(
+                total=len(requests) * len(routers), disable=not show, file=sys.stderr, unit="req", desc="simulating"
+            ) as bar:
+                runs = simulate(requests, cfg, routers, seed=args.seed, on_request=bar.update, keys=keys)
+    finally:
+        if parallel is not None:
+            parallel.close()
     span = max(args.duration, requests[-1].arrival)
     results = {run_.router: router_metrics(run_, span=span) for run_ in runs}
-    bound = reuse_bound(requests, TokenProcessor(cfg.block_size, cfg.hash_seed, "sha256_cbor"))
+    bound = reuse_bound(requests, keys)
     for m in results.values():
         m["hit_rate_of_bound"] = (
             m["hit_rate"] / bound["hit_rate"] if m["hit_rate"] is not None and bound["hit_rate"] else None

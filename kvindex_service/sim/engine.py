@@ -15,17 +15,26 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import zmq
 
 from kvindex_service import TokenProcessor
 
+from .keys import BlockKeys
 from .pod import Allocation, BlockPool, EventPublisher, SimPod
 from .routers import Router, make_router
 from .workloads import Request
 
-__all__ = ["FleetConfig", "RequestRecord", "RouterRun", "ServiceModel", "run_router", "simulate"]
+__all__ = [
+    "FleetConfig",
+    "RequestRecord",
+    "RouterRun",
+    "ServiceModel",
+    "block_keys_for",
+    "run_router",
+    "simulate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +115,11 @@ class _Server:
 class _Fleet:
     """The FleetView routers see."""
 
-    def __init__(self, pods: list[SimPod]) -> None:
+    def __init__(self, pods: list[SimPod], keys: BlockKeys) -> None:
         self._pods = pods
         self.servers = [_Server(p) for p in pods]
         self._now = 0.0
+        self.keys = keys
 
     @property
     def pods(self) -> Sequence[SimPod]:
@@ -123,12 +133,48 @@ class _Fleet:
         s = self.servers[i]
         return s.running + len(s.waiting)
 
+    def prompt_keys(self, req: Request) -> Sequence[int]:
+        return self.keys.prompt(req)
+
 
 _ARRIVAL, _FINISH = 0, 1
 
 
-def _build_pods(cfg: FleetConfig, ctx: zmq.Context[Any] | None) -> list[SimPod]:
-    processor = TokenProcessor(cfg.block_size, cfg.hash_seed, "sha256_cbor")
+class _Joined(Sequence[int]):
+    """Prompt + output as one sequence without copying both (a pod slices a few blocks)."""
+
+    def __init__(self, head: Sequence[int], tail: Sequence[int]) -> None:
+        self._head, self._tail = head, tail
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._tail)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int]:
+        n = len(self._head)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if stop <= n:
+                return self._head[start:stop]
+            if start >= n:
+                return self._tail[start - n : stop - n]
+            return [*self._head[start:], *self._tail[: stop - n]]
+        if i < 0:
+            i += len(self)
+        return self._head[i] if i < n else self._tail[i - n]
+
+
+def block_keys_for(cfg: FleetConfig) -> BlockKeys:
+    """An empty key cache hashing as the fleet's pods do."""
+    return BlockKeys(TokenProcessor(cfg.block_size, cfg.hash_seed, "sha256_cbor"))
+
+
+def _build_pods(cfg: FleetConfig, ctx: zmq.Context[Any] | None, processor: TokenProcessor) -> list[SimPod]:
     pods: list[SimPod] = []
     try:
         for pod_id in cfg.pod_ids():
@@ -156,14 +202,17 @@ def run_router(
     cfg: FleetConfig,
     *,
     on_request: Callable[[], None] | None = None,
+    keys: BlockKeys | None = None,
 ) -> RouterRun:
-    """Serve ``requests`` on a fresh fleet routed by ``router`` (closed afterwards)."""
+    """Serve ``requests`` on a fresh fleet routed by ``router`` (closed afterwards).
+    ``keys``: the request list's key cache, shared between runs (default: a fresh one)."""
     started = time.perf_counter()
+    keys = keys if keys is not None else block_keys_for(cfg)
     ctx: zmq.Context[Any] | None = zmq.Context() if router.needs_events else None
     pods: list[SimPod] = []
     try:
-        pods = _build_pods(cfg, ctx)
-        fleet = _Fleet(pods)
+        pods = _build_pods(cfg, ctx, keys.processor)
+        fleet = _Fleet(pods, keys)
         router.bind(
             fleet,
             zmq_context=ctx,
@@ -218,7 +267,7 @@ def _serve(
                 rec.rejected = True
                 log.warning("request %d needs more blocks than pod capacity; rejected", req.rid)
                 continue
-            alloc = pod.admit(req.token_ids, req.output_len, now)
+            alloc = pod.admit(req.token_ids, req.output_len, now, keys=fleet.keys.prompt(req))
             if alloc is None:
                 break  # FCFS: wait until a finishing request frees blocks
             server.waiting.popleft()
@@ -256,7 +305,8 @@ def _serve(
         else:
             i, done, alloc = item
             assert isinstance(alloc, Allocation)
-            fleet.servers[i].pod.finish(alloc, done.token_ids + done.output_ids, now)
+            full = _Joined(done.token_ids, done.output_ids)
+            fleet.servers[i].pod.finish(alloc, full, now, keys=fleet.keys.full(done))
             fleet.servers[i].running -= 1
             try_admit(i, now)
     return [records[r.rid] for r in requests]
@@ -269,11 +319,14 @@ def simulate(
     *,
     seed: int,
     on_request: Callable[[], None] | None = None,
+    keys: BlockKeys | None = None,
 ) -> list[RouterRun]:
-    """Run every named router on the same requests, each on its own fresh fleet."""
+    """Run every named router on the same requests, each on its own fresh fleet, all sharing
+    one key cache (``keys``, default a fresh one): each request is hashed once per run."""
+    keys = keys if keys is not None else block_keys_for(cfg)
     runs: list[RouterRun] = []
     for name in routers:
         router = make_router(name, seed)
         log.info("simulating router %s on %d requests", name, len(requests))
-        runs.append(run_router(router, requests, cfg, on_request=on_request))
+        runs.append(run_router(router, requests, cfg, on_request=on_request, keys=keys))
     return runs

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import takewhile
+from operator import gt, lt
 from typing import Any
 
 import zmq
@@ -111,6 +113,7 @@ class KvindexFeed:
         """
         deadline = time.monotonic() + self.sync_timeout
         pending = [p for p in self.pods if p.publisher is not None and p.publisher.last_seq is not None]
+        pause = 0.00005
         while pending:
             still = []
             for p in pending:
@@ -129,33 +132,25 @@ class KvindexFeed:
                     f"kvindex did not receive the events of {[p.pod_id for p in pending]} within {self.sync_timeout} s"
                 )
             # Wait for what the subscriber has received to reach the core (returns at once
-            # when nothing new has arrived yet, hence the short pause).
+            # when nothing new has arrived yet, hence the pause). The pause doubles up to
+            # 2 ms: spinning here held the GIL the subscriber needs to make progress.
             self.subscriber.sync(min(1.0, remaining))
-            time.sleep(0.0001)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.002)
         if not self.indexer.flush(max(0.0, deadline - time.monotonic())):
             raise IngestTimeout(f"kvindex did not apply the events it received within {self.sync_timeout} s")
 
-    def check(self, pod: SimPod, token_ids: Sequence[int]) -> None:
-        """Compare the index's view of ``pod`` with its true pool for this prompt."""
-        keys = self.indexer.block_keys(token_ids)
-        held = self.indexer.lookup(self.model, keys, pods=[pod.pod_id])
+    def check(self, pod: SimPod, keys: Sequence[int]) -> None:
+        """Compare the index's view of ``pod`` with its true pool for a prompt's block keys
+        (as the pod hashes them; the Indexer hashes the same way)."""
+        in_index = list(map(bool, self.indexer.lookup(self.model, keys, pods=[pod.pod_id])))
+        in_pool = pod.pool.held(keys)
         acc = self.accuracy
         acc.decisions += 1
         acc.blocks += len(keys)
-        idx_prefix = true_prefix = 0
-        idx_run = true_run = True
-        for key, entries in zip(keys, held, strict=True):
-            in_index = bool(entries)
-            in_pool = pod.pool.holds(key)
-            if in_index and not in_pool:
-                acc.false_hits += 1
-            elif in_pool and not in_index:
-                acc.false_misses += 1
-            idx_run = idx_run and in_index
-            true_run = true_run and in_pool
-            idx_prefix += idx_run
-            true_prefix += true_run
-        if idx_prefix != true_prefix:
+        acc.false_hits += sum(map(gt, in_index, in_pool))  # True > False: indexed, not held
+        acc.false_misses += sum(map(lt, in_index, in_pool))
+        if len(list(takewhile(bool, in_index))) != len(list(takewhile(bool, in_pool))):
             acc.prefix_mismatches += 1
 
     def close(self) -> None:

@@ -94,7 +94,7 @@ class KvindexPickerRouter(KvindexDirectRouter):
         else:  # an immediate response (e.g. shedding): the simulator still has to place it
             self.fallbacks += 1
             choice = self._least_loaded(fleet, range(len(self._ids)))
-        feed.check(fleet.pods[choice], req.token_ids)
+        feed.check(fleet.pods[choice], fleet.prompt_keys(req))
         return choice
 
     def stats(self) -> dict[str, Any]:

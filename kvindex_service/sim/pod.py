@@ -14,8 +14,10 @@ import logging
 import struct
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, islice, repeat, takewhile
+from operator import not_
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -35,6 +37,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _END_OF_REPLAY = b"\xff" * 8
+_consume: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend
+"""Exhausts an iterator in C (for ``map`` over bound methods)."""
 
 
 def block_stored(keys: Sequence[int], parent: int | None, token_ids: Sequence[int], block_size: int) -> dict[str, Any]:
@@ -87,7 +91,7 @@ class BlockPool:
         self._key: list[int | None] = [None] * capacity
         self._ref = [0] * capacity
         # Every block with ref count 0, least recently freed first. Dict order is the queue.
-        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(capacity))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(capacity))
         self._cached: dict[int, int] = {}
         self.evictions = 0
 
@@ -103,14 +107,9 @@ class BlockPool:
     def holds(self, key: int) -> bool:
         return key in self._cached
 
-    def cached_prefix(self, keys: Sequence[int]) -> int:
+    def cached_prefix(self, keys: Iterable[int]) -> int:
         """Leading keys held in the pool (the pod's true prefix cache for that prompt)."""
-        n = 0
-        for k in keys:
-            if k not in self._cached:
-                break
-            n += 1
-        return n
+        return len(list(takewhile(self._cached.__contains__, keys)))
 
     def free_order(self) -> list[int | None]:
         """Keys of the free queue, next eviction first (None for never-cached blocks)."""
@@ -126,28 +125,24 @@ class BlockPool:
         when the free queue cannot supply the fresh blocks.
         """
         limit = len(keys) if max_hit is None else min(max_hit, len(keys))
-        hit = self.cached_prefix(keys[:limit])
-        hit_ids = [self._cached[k] for k in keys[:hit]]
+        hit = self.cached_prefix(islice(keys, limit))
+        hit_ids = list(map(self._cached.__getitem__, keys[:hit]))
         need = max(num_blocks, hit) - hit
-        idle_hits = sum(1 for b in hit_ids if self._ref[b] == 0)
-        if len(self._free) - idle_hits < need:
+        ref, free = self._ref, self._free
+        idle = [b for b in hit_ids if ref[b] == 0]
+        if len(free) - len(idle) < need:
             return None
-        for b in hit_ids:
-            if self._ref[b] == 0:
-                del self._free[b]
-            self._ref[b] += 1
-        evicted: list[int] = []
-        new_ids: list[int] = []
-        for _ in range(need):
-            b, _ = self._free.popitem(last=False)
-            old = self._key[b]
-            if old is not None:
-                del self._cached[old]
-                self._key[b] = None
-                evicted.append(old)
-                self.evictions += 1
-            self._ref[b] = 1
-            new_ids.append(b)
+        # Per-block work runs in C (map over bound methods): pools hold 10^5 blocks and a
+        # long prompt touches thousands of them per request.
+        _consume(map(free.__delitem__, idle))
+        _consume(map(ref.__setitem__, hit_ids, [ref[b] + 1 for b in hit_ids]))
+        new_ids = list(islice(free, need))
+        _consume(map(free.__delitem__, new_ids))
+        evicted = [k for k in map(self._key.__getitem__, new_ids) if k is not None]
+        _consume(map(self._cached.__delitem__, evicted))
+        self.evictions += len(evicted)
+        _consume(map(self._key.__setitem__, new_ids, repeat(None)))
+        _consume(map(ref.__setitem__, new_ids, repeat(1)))
         alloc = Allocation(hit_ids + new_ids, list(keys), hit, hit)
         return alloc, evicted
 
@@ -158,23 +153,36 @@ class BlockPool:
         another physical block (possible only after a mid-chain eviction) is left uncached,
         so the pool never holds one key twice and the events stay exact.
         """
-        stored: list[tuple[int, int]] = []
-        for i in range(alloc.cached_upto, min(len(keys), len(alloc.block_ids))):
-            key = keys[i]
-            if key not in self._cached:
-                b = alloc.block_ids[i]
-                self._cached[key] = b
-                self._key[b] = key
-                stored.append((i, key))
-        alloc.cached_upto = max(alloc.cached_upto, min(len(keys), len(alloc.block_ids)))
-        return stored
+        start = alloc.cached_upto
+        end = min(len(keys), len(alloc.block_ids))
+        if end <= start:
+            return []
+        new_keys = keys[start:end]
+        ids = alloc.block_ids[start:end]
+        cached = self._cached
+        alloc.cached_upto = end
+        if cached.keys().isdisjoint(new_keys):  # the usual case, in bulk
+            cached.update(zip(new_keys, ids))
+            _consume(map(self._key.__setitem__, ids, new_keys))
+            return list(zip(range(start, end), new_keys))
+        fresh = list(map(not_, map(cached.__contains__, new_keys)))
+        new_keys = list(compress(new_keys, fresh))
+        ids = list(compress(ids, fresh))
+        cached.update(zip(new_keys, ids))
+        _consume(map(self._key.__setitem__, ids, new_keys))
+        return list(zip(compress(range(start, end), fresh), new_keys))
+
+    def held(self, keys: Iterable[int]) -> list[bool]:
+        """Per key, whether the pool holds it."""
+        return list(map(self._cached.__contains__, keys))
 
     def free(self, alloc: Allocation) -> None:
         """Unpin; the sequence's tail goes to the queue first so it is evicted first."""
-        for b in reversed(alloc.block_ids):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
-                self._free[b] = None
+        ids = alloc.block_ids[::-1]
+        ref = self._ref
+        left = [ref[b] - 1 for b in ids]
+        _consume(map(ref.__setitem__, ids, left))
+        _consume(map(self._free.__setitem__, compress(ids, map(not_, left)), repeat(None)))
         alloc.block_ids = []
 
 
@@ -313,11 +321,15 @@ class SimPod:
         bs = self.pool.block_size
         return -(-(prompt_len + output_len) // bs)
 
-    def admit(self, token_ids: Sequence[int], output_len: int, sim_time: float) -> Allocation | None:
+    def admit(
+        self, token_ids: Sequence[int], output_len: int, sim_time: float, *, keys: Sequence[int] | None = None
+    ) -> Allocation | None:
         """Schedule a request's prefill: reuse its cached prefix, allocate the rest, cache its
         full prompt blocks and publish one batch (evictions then stores), as a vLLM step does.
+        ``keys``: the prompt's block keys if already known (else hashed here).
         """
-        keys = self.processor.block_keys(token_ids)
+        if keys is None:
+            keys = self.processor.block_keys(token_ids)
         # vLLM always recomputes the prompt's last token, so a hit never covers it.
         max_hit = (len(token_ids) - 1) // self.pool.block_size
         got = self.pool.allocate(keys, self.blocks_needed(len(token_ids), output_len), max_hit=max_hit)
@@ -328,10 +340,14 @@ class SimPod:
         self._publish(sim_time, evicted, stored, keys, token_ids)
         return alloc
 
-    def finish(self, alloc: Allocation, full_tokens: Sequence[int], sim_time: float) -> None:
+    def finish(
+        self, alloc: Allocation, full_tokens: Sequence[int], sim_time: float, *, keys: Sequence[int] | None = None
+    ) -> None:
         """The request completed with ``full_tokens`` (prompt + output): cache the output's
-        full blocks, then free everything into the LRU queue."""
-        keys = self.processor.block_keys(full_tokens)
+        full blocks, then free everything into the LRU queue. ``keys``: their block keys if
+        already known."""
+        if keys is None:
+            keys = self.processor.block_keys(full_tokens)
         stored = self.pool.cache(alloc, keys)
         self._publish(sim_time, [], stored, keys, full_tokens)
         self.pool.free(alloc)
@@ -349,19 +365,18 @@ class SimPod:
         bs = self.pool.block_size
         events: list[dict[str, Any]] = [block_removed(k) for k in evicted]
         # One BlockStored per run of consecutive positions, chained to the block before it.
-        run: list[tuple[int, int]] = []
-        for item in stored + [(-2, 0)]:
-            if run and item[0] != run[-1][0] + 1:
-                first = run[0][0]
-                events.append(
-                    block_stored(
-                        [k for _, k in run],
-                        keys[first - 1] if first > 0 else None,
-                        tokens[first * bs : (run[-1][0] + 1) * bs],
-                        bs,
-                    )
-                )
-                run = []
-            run.append(item)
+        runs: list[list[tuple[int, int]]] = []
+        if stored and stored[-1][0] - stored[0][0] == len(stored) - 1:
+            runs.append(stored)  # the usual case: one run
+        else:
+            for item in stored:
+                if runs and item[0] == runs[-1][-1][0] + 1:
+                    runs[-1].append(item)
+                else:
+                    runs.append([item])
+        for run in runs:
+            first, last = run[0][0], run[-1][0]
+            parent = keys[first - 1] if first > 0 else None
+            events.append(block_stored([k for _, k in run], parent, tokens[first * bs : (last + 1) * bs], bs))
         self.publisher.publish(sim_time, events)
         self.batches += 1

@@ -44,6 +44,10 @@ class FleetView(Protocol):
         """Requests running or waiting on pod ``i``."""
         ...
 
+    def prompt_keys(self, req: Request) -> Sequence[int]:
+        """The block keys of ``req``'s prompt as the pods hash it (computed once per run)."""
+        ...
+
 
 class Router:
     """Base class: ``bind`` once to a fresh fleet, ``pick`` per request, ``close`` at the end."""
@@ -147,7 +151,7 @@ class KvindexDirectRouter(Router):
         result = feed.indexer.score(feed.model, req.token_ids, pods=ids)
         by_pod = {s.pod: s.matched_blocks for s in result.scores}
         choice = _best_prefix(self, fleet, [by_pod.get(i, 0) for i in ids])
-        feed.check(fleet.pods[choice], req.token_ids)
+        feed.check(fleet.pods[choice], fleet.prompt_keys(req))
         return choice
 
     def stats(self) -> dict[str, Any]:

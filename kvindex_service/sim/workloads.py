@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy
 
 __all__ = [
     "MOONCAKE_BLOCK_TOKENS",
@@ -205,7 +206,7 @@ class _BlockTokens:
         if got is None:
             # 4 random bytes per token in one call (randrange per token dominated replay time).
             raw = random.Random(f"mooncake/{self._seed}/{hash_id}").randbytes(4 * MOONCAKE_BLOCK_TOKENS)
-            got = tuple(v % VOCAB for v in struct.unpack(f"<{MOONCAKE_BLOCK_TOKENS}I", raw))
+            got = tuple((numpy.frombuffer(raw, dtype="<u4") % VOCAB).tolist())
             self._cache[hash_id] = got
         return got
 

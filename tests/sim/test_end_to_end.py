@@ -100,3 +100,12 @@ def test_mooncake_trace_replays_through_kvindex(tmp_path: Path) -> None:
     assert r["kvindex-direct"]["completed"] + r["kvindex-direct"]["rejected"] == 40
     assert r["kvindex-direct"]["hit_rate"] >= r["round-robin"]["hit_rate"]
     assert r["kvindex-direct"]["index_accuracy"]["accuracy"] >= 0.99
+
+
+def test_routers_in_parallel_processes_give_the_same_numbers(tmp_path: Path, report: dict[str, Any]) -> None:
+    routers = "round-robin,kvindex,approximate,oracle"
+    serial = _run(tmp_path, "serial", "--seed", "5", "--routers", routers)
+    parallel = _run(tmp_path, "parallel", "--seed", "5", "--routers", routers, "--jobs", "2")
+    assert list(parallel["routers"]) == routers.split(",")
+    assert strip_wall_clock(parallel["routers"]) == strip_wall_clock(serial["routers"])
+    assert strip_wall_clock(parallel["workload"]) == strip_wall_clock(serial["workload"])

@@ -34,6 +34,9 @@ class _Fleet:
     def load(self, i: int) -> int:
         return self.loads[i]
 
+    def prompt_keys(self, req: Request) -> Sequence[int]:
+        return self._pods[0].processor.block_keys(req.token_ids)
+
 
 def _pods(n: int) -> list[SimPod]:
     tp = TokenProcessor(BS)
