@@ -64,7 +64,8 @@ pub(super) struct Shard {
     table: Vec<u32>,
     nodes: Vec<Node>,
     refs: Vec<u64>,
-    /// First 24 digest bytes per node (only when the index keeps digests); zero: unknown.
+    /// First 24 digest bytes per node, from the first digest this shard is given on (only
+    /// when the index keeps digests); zero: unknown.
     digests: Vec<[u8; 24]>,
     spill: Vec<Entries>,
     spill_free: Vec<u32>,
@@ -335,7 +336,7 @@ impl Shard {
         }
     }
 
-    fn node_for_insert(&mut self, ikey: u64, keep_digest: bool) -> (u32, bool) {
+    fn node_for_insert(&mut self, ikey: u64) -> (u32, bool) {
         if let Some(i) = self.find(ikey) {
             return (i, false);
         }
@@ -357,7 +358,8 @@ impl Shard {
             if self.refs.len() * 64 < self.nodes.len() {
                 self.refs.push(0);
             }
-            if keep_digest {
+            if !self.digests.is_empty() {
+                self.digests.reserve_exact(self.nodes.capacity() - self.digests.len());
                 self.digests.push([0; 24]);
             }
             (self.nodes.len() - 1) as u32
@@ -379,8 +381,13 @@ impl Shard {
         max_per_key: usize,
         keep: bool,
     ) -> u32 {
-        let (i, new) = self.node_for_insert(ikey, keep);
+        let (i, new) = self.node_for_insert(ikey);
         if let (Some(d), true) = (digest, keep) {
+            if self.digests.len() < self.nodes.len() {
+                // the first digest known in this shard: from now on one per node
+                self.digests.reserve_exact(self.nodes.capacity());
+                self.digests.resize(self.nodes.len(), [0; 24]);
+            }
             self.digests[i as usize] = *d;
         }
         let e = pack(pod, tier);
@@ -493,6 +500,7 @@ impl Shard {
     pub(super) fn check(&self) {
         let live: Vec<u32> = (0..self.nodes.len() as u32).filter(|&i| self.nodes[i as usize].live()).collect();
         assert_eq!(live.len(), self.live);
+        assert!(self.digests.is_empty() || self.digests.len() == self.nodes.len());
         assert!(self.live <= self.cap);
         assert_eq!(self.table.iter().filter(|&&b| b != EMPTY).count(), self.live);
         let mut entries = 0u64;

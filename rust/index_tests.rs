@@ -287,3 +287,19 @@ fn random_operations_match_a_reference_model() {
         }
     }
 }
+
+#[test]
+fn digest_room_is_taken_only_once_a_digest_is_given() {
+    let ix = BlockIndex::new(10_000, 8, 1, true);
+    for k in 0..1000 {
+        ix.add(0, 1, k, TIER_GPU, None);
+    }
+    let without = ix.stats().bytes_used;
+    ix.add(0, 1, 5000, TIER_GPU, Some(&[7; 24]));
+    assert!(ix.stats().bytes_used >= without + 1000 * 24);
+    assert_eq!((ix.digest_hi(0, 5000), ix.digest_hi(0, 5)), (Some([7; 24]), None));
+    for k in 1000..2000 {
+        ix.add(0, 1, k, TIER_GPU, Some(&[1; 24]));
+    }
+    ix.check();
+}
