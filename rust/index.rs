@@ -64,6 +64,8 @@ pub fn model_key(model: ModelId, key: BlockKey) -> u64 {
 /// A key's packed entries, least recently touched first.
 pub type Entries = SmallVec<[u32; 4]>;
 
+#[path = "index_chunked.rs"]
+mod chunked;
 #[path = "index_shard.rs"]
 mod shard;
 use shard::{Shard, MAX_SHARD_KEYS};

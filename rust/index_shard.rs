@@ -18,12 +18,13 @@
 
 use hashbrown::HashMap;
 
+use super::chunked::Chunked;
 use super::{entry_pod, entry_tier, pack, Entries, PodId, Tier, MAX_TIERS};
 
 /// Bucket and node sentinels. Entries never take these values: pod ids stay below
 /// `MAX_PODS`, so a packed entry is at most `0xFFFF_FFEF`.
-const EMPTY: u32 = u32::MAX;
-const SPILL: u32 = u32::MAX - 1;
+pub(super) const EMPTY: u32 = u32::MAX;
+pub(super) const SPILL: u32 = u32::MAX - 1;
 const FREE: u32 = u32::MAX - 2;
 const IDX_BITS: u32 = 24;
 const IDX_MASK: u32 = (1 << IDX_BITS) - 1;
@@ -62,11 +63,11 @@ struct PodShard {
 #[derive(Default)]
 pub(super) struct Shard {
     table: Vec<u32>,
-    nodes: Vec<Node>,
+    nodes: Chunked<Node>,
     refs: Vec<u64>,
     /// First 24 digest bytes per node, from the first digest this shard is given on (only
     /// when the index keeps digests); zero: unknown.
-    digests: Vec<[u8; 24]>,
+    digests: Chunked<[u8; 24]>,
     spill: Vec<Entries>,
     spill_free: Vec<u32>,
     spill_heap: usize,
@@ -220,7 +221,7 @@ impl Shard {
     }
 
     pub(super) fn digest(&self, i: u32) -> Option<[u8; 24]> {
-        self.digests.get(i as usize).copied().filter(|d| *d != [0; 24])
+        (!self.digests.is_empty()).then(|| self.digests[i as usize]).filter(|d| *d != [0; 24])
     }
 
     /// Replace the entries of live node `i` (at least one), inline or spilled.
@@ -296,8 +297,8 @@ impl Shard {
             self.spill[s] = Entries::new();
             self.spill_free.push(s as u32);
         }
-        if let Some(d) = self.digests.get_mut(i as usize) {
-            *d = [0; 24];
+        if !self.digests.is_empty() {
+            self.digests[i as usize] = [0; 24];
         }
         self.set_ref(i, false);
         self.nodes[i as usize].e = [self.free, FREE];
@@ -349,18 +350,13 @@ impl Shard {
             self.free = self.nodes[i as usize].e[0];
             i
         } else {
-            if self.nodes.len() == self.nodes.capacity() {
-                // grow by a quarter, not double: the slack is memory that stays
-                let more = (self.nodes.len() / 4).max(64).min(self.cap - self.nodes.len());
-                self.nodes.reserve_exact(more);
-            }
-            self.nodes.push(Node { key: [0; 2], e: [EMPTY; 2], model: 0 });
+            self.nodes
+                .push(Node { key: [0; 2], e: [EMPTY; 2], model: 0 }, Node { key: [0; 2], e: [0, FREE], model: 0 });
             if self.refs.len() * 64 < self.nodes.len() {
                 self.refs.push(0);
             }
             if !self.digests.is_empty() {
-                self.digests.reserve_exact(self.nodes.capacity() - self.digests.len());
-                self.digests.push([0; 24]);
+                self.digests.push([0; 24], [0; 24]);
             }
             (self.nodes.len() - 1) as u32
         };
@@ -383,10 +379,9 @@ impl Shard {
     ) -> u32 {
         let (i, new) = self.node_for_insert(ikey);
         if let (Some(d), true) = (digest, keep) {
-            if self.digests.len() < self.nodes.len() {
+            while self.digests.len() < self.nodes.len() {
                 // the first digest known in this shard: from now on one per node
-                self.digests.reserve_exact(self.nodes.capacity());
-                self.digests.resize(self.nodes.len(), [0; 24]);
+                self.digests.push([0; 24], [0; 24]);
             }
             self.digests[i as usize] = *d;
         }
@@ -485,50 +480,17 @@ impl Shard {
     pub(super) fn bytes_used(&self) -> usize {
         let pod_lists: usize = self.pods.values().map(|p| p.nodes.capacity() * 4).sum();
         self.table.capacity() * 4
-            + self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.nodes.bytes()
             + self.refs.capacity() * 8
-            + self.digests.capacity() * 24
+            + self.digests.bytes()
             + self.spill.capacity() * std::mem::size_of::<Entries>()
             + self.spill_free.capacity() * 4
             + self.spill_heap
             + pod_lists
             + self.pods.capacity() * (std::mem::size_of::<(PodId, PodShard)>() + 1)
     }
-
-    /// Check every invariant (tests): table <-> live nodes, pod lists and counts, entries.
-    #[cfg(test)]
-    pub(super) fn check(&self) {
-        let live: Vec<u32> = (0..self.nodes.len() as u32).filter(|&i| self.nodes[i as usize].live()).collect();
-        assert_eq!(live.len(), self.live);
-        assert!(self.digests.is_empty() || self.digests.len() == self.nodes.len());
-        assert!(self.live <= self.cap);
-        assert_eq!(self.table.iter().filter(|&&b| b != EMPTY).count(), self.live);
-        let mut entries = 0u64;
-        let mut per_pod: HashMap<PodId, ([i64; MAX_TIERS], u32)> = HashMap::new();
-        for &i in &live {
-            assert_eq!(self.find(self.ikey(i)), Some(i));
-            let es = self.entries(i);
-            assert!(!es.is_empty());
-            assert_eq!(self.nodes[i as usize].e[1] == SPILL, es.len() > 2);
-            entries += es.len() as u64;
-            for (k, &e) in es.iter().enumerate() {
-                assert!(!es[..k].contains(&e), "a repeated entry");
-                let c = per_pod.entry(entry_pod(e)).or_default();
-                c.0[entry_tier(e) as usize] += 1;
-                if !es[..k].iter().any(|&x| entry_pod(x) == entry_pod(e)) {
-                    c.1 += 1;
-                    assert!(self.pods[&entry_pod(e)].nodes.contains(&i), "a pod list misses a node");
-                }
-            }
-        }
-        assert_eq!(entries, self.entries);
-        assert_eq!(per_pod.len(), self.pods.len());
-        for (pod, (tiers, keys)) in per_pod {
-            let ps = &self.pods[&pod];
-            assert_eq!((ps.tiers, ps.keys), (tiers, keys), "pod {pod}");
-            assert!(ps.nodes.len() <= 2 * keys as usize + 32);
-        }
-        let spilled = live.iter().filter(|&&i| self.nodes[i as usize].e[1] == SPILL).count();
-        assert_eq!(spilled + self.spill_free.len(), self.spill.len());
-    }
 }
+
+#[cfg(test)]
+#[path = "index_shard_check.rs"]
+mod check;
