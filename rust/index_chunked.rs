@@ -17,7 +17,7 @@ impl<T> Default for Chunked<T> {
     }
 }
 
-impl<T: Copy> Chunked<T> {
+impl<T: Clone> Chunked<T> {
     #[inline]
     pub(super) fn len(&self) -> usize {
         self.len

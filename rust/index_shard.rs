@@ -68,7 +68,7 @@ pub(super) struct Shard {
     /// First 24 digest bytes per node, from the first digest this shard is given on (only
     /// when the index keeps digests); zero: unknown.
     digests: Chunked<[u8; 24]>,
-    spill: Vec<Entries>,
+    spill: Chunked<Entries>,
     spill_free: Vec<u32>,
     spill_heap: usize,
     free: u32,
@@ -250,7 +250,7 @@ impl Shard {
                     s
                 }
                 None => {
-                    self.spill.push(sp);
+                    self.spill.push(sp, Entries::new());
                     (self.spill.len() - 1) as u32
                 }
             };
@@ -483,7 +483,7 @@ impl Shard {
             + self.nodes.bytes()
             + self.refs.capacity() * 8
             + self.digests.bytes()
-            + self.spill.capacity() * std::mem::size_of::<Entries>()
+            + self.spill.bytes()
             + self.spill_free.capacity() * 4
             + self.spill_heap
             + pod_lists

@@ -1,6 +1,6 @@
 //! The shard layout's invariants, checked by tests after random operations.
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 
 use super::{entry_pod, entry_tier, PodId, Shard, EMPTY, MAX_TIERS, SPILL};
 
@@ -12,6 +12,8 @@ impl Shard {
         assert!(self.digests.is_empty() || self.digests.len() == self.nodes.len());
         assert!(self.live <= self.cap);
         assert_eq!(self.table.iter().filter(|&&b| b != EMPTY).count(), self.live);
+        let listed: HashSet<(PodId, u32)> =
+            self.pods.iter().flat_map(|(&p, ps)| ps.nodes.iter().map(move |&i| (p, i))).collect();
         let mut entries = 0u64;
         let mut per_pod: HashMap<PodId, ([i64; MAX_TIERS], u32)> = HashMap::new();
         for &i in &live {
@@ -26,7 +28,7 @@ impl Shard {
                 c.0[entry_tier(e) as usize] += 1;
                 if !es[..k].iter().any(|&x| entry_pod(x) == entry_pod(e)) {
                     c.1 += 1;
-                    assert!(self.pods[&entry_pod(e)].nodes.contains(&i), "a pod list misses a node");
+                    assert!(listed.contains(&(entry_pod(e), i)), "a pod list misses a node");
                 }
             }
         }
