@@ -4,7 +4,7 @@
 //! * `nodes`: one 20-byte node per key slot (key, two inline entries, model), at stable
 //!   indices; a key with more than two entries keeps them all in `spill` instead. Free nodes
 //!   form a list threaded through their first entry word.
-//! * `table`: open addressing (linear probing, backward-shift deletion) of `u32` buckets,
+//! * `table`: open addressing (linear probing, removed buckets marked) of `u32` buckets,
 //!   each an 8-bit hash tag above a 24-bit node index, so a probe rarely touches a node that
 //!   is not the one sought. The hash is seeded per index: keys come from the network.
 //! * `refs`: one bit per node, set by lookups and by adds to a key already held. Eviction is
@@ -24,12 +24,15 @@ use super::{entry_pod, entry_tier, pack, Entries, PodId, Tier, MAX_TIERS};
 /// Bucket and node sentinels. Entries never take these values: pod ids stay below
 /// `MAX_PODS`, so a packed entry is at most `0xFFFF_FFEF`.
 pub(super) const EMPTY: u32 = u32::MAX;
+/// A bucket whose key was removed: probes go on past it, inserts reuse it.
+pub(super) const TOMB: u32 = u32::MAX - 1;
 pub(super) const SPILL: u32 = u32::MAX - 1;
 const FREE: u32 = u32::MAX - 2;
 const IDX_BITS: u32 = 24;
 const IDX_MASK: u32 = (1 << IDX_BITS) - 1;
-/// Nodes a shard may hold (index `IDX_MASK` would collide with an empty bucket).
-pub(super) const MAX_SHARD_KEYS: usize = IDX_MASK as usize - 1;
+/// Nodes a shard may hold (indices `IDX_MASK` and `IDX_MASK - 1` would collide with the empty
+/// and removed buckets).
+pub(super) const MAX_SHARD_KEYS: usize = IDX_MASK as usize - 2;
 
 /// A key slot: 20 bytes, 4-byte aligned. `e[1] == SPILL`: the entries are `spill[e[0]]`;
 /// `e[1] == EMPTY`: one inline entry; `e[1] == FREE`: unused, `e[0]` is the next free node.
@@ -76,6 +79,8 @@ pub(super) struct Shard {
     seed: u64,
     cap: usize,
     pub(super) live: usize,
+    /// Removed buckets in `table`.
+    tombs: usize,
     pods: HashMap<PodId, PodShard>,
     pub(super) entries: u64,
     pub(super) key_evictions: u64,
@@ -117,7 +122,7 @@ impl Shard {
             if b == EMPTY {
                 return None;
             }
-            if b >> IDX_BITS == tag && self.nodes[(b & IDX_MASK) as usize].ikey() == ikey {
+            if b >> IDX_BITS == tag && b != TOMB && self.nodes[(b & IDX_MASK) as usize].ikey() == ikey {
                 return Some(b & IDX_MASK);
             }
             p = (p + 1) & mask;
@@ -128,19 +133,26 @@ impl Shard {
         let mask = self.table.len() - 1;
         let h = self.hash(ikey);
         let mut p = h as usize & mask;
-        while self.table[p] != EMPTY {
+        while self.table[p] != EMPTY && self.table[p] != TOMB {
             p = (p + 1) & mask;
+        }
+        if self.table[p] == TOMB {
+            self.tombs -= 1;
         }
         self.table[p] = ((h >> 56) as u32) << IDX_BITS | i;
     }
 
-    /// Room for one more key at a load of at most 4/5 (a rebuild reads the nodes in order).
+    /// Room for one more key with live and removed buckets at most 4/5 of the table: rebuilt
+    /// (reading the nodes in order) twice as large, or as large when removals filled it.
     fn grow_table(&mut self) {
-        if (self.live + 1) * 5 <= self.table.len() * 4 {
+        if (self.live + self.tombs + 1) * 5 <= self.table.len() * 4 {
             return;
         }
-        let size = (self.table.len() * 2).max(16);
-        self.table = vec![EMPTY; size];
+        let grow = (self.live + 1) * 5 > self.table.len() * 3;
+        let size = if grow { self.table.len() * 2 } else { self.table.len() }.max(16);
+        self.table.clear();
+        self.table.resize(size, EMPTY);
+        self.tombs = 0;
         for i in 0..self.nodes.len() {
             if self.nodes[i].live() {
                 self.table_insert(self.nodes[i].ikey(), i as u32);
@@ -159,26 +171,18 @@ impl Shard {
             if b == EMPTY {
                 return;
             }
-            if b >> IDX_BITS == tag && self.nodes[(b & IDX_MASK) as usize].ikey() == ikey {
+            if b >> IDX_BITS == tag && b != TOMB && self.nodes[(b & IDX_MASK) as usize].ikey() == ikey {
                 break;
             }
             p = (p + 1) & mask;
         }
-        // backward shift: move later members of the run into the hole when their home allows
-        let (mut hole, mut j) = (p, (p + 1) & mask);
-        loop {
-            let b = self.table[j];
-            if b == EMPTY {
-                break;
-            }
-            let home = self.hash(self.nodes[(b & IDX_MASK) as usize].ikey()) as usize & mask;
-            if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
-                self.table[hole] = b;
-                hole = j;
-            }
-            j = (j + 1) & mask;
+        // a removed bucket, unless the run ends right after it (no node read either way)
+        if self.table[(p + 1) & mask] == EMPTY {
+            self.table[p] = EMPTY;
+        } else {
+            self.table[p] = TOMB;
+            self.tombs += 1;
         }
-        self.table[hole] = EMPTY;
     }
 
     #[inline]

@@ -2,7 +2,7 @@
 
 use hashbrown::{HashMap, HashSet};
 
-use super::{entry_pod, entry_tier, PodId, Shard, EMPTY, MAX_TIERS, SPILL};
+use super::{entry_pod, entry_tier, PodId, Shard, EMPTY, MAX_TIERS, SPILL, TOMB};
 
 impl Shard {
     /// Check every invariant (tests): table <-> live nodes, pod lists and counts, entries.
@@ -11,7 +11,8 @@ impl Shard {
         assert_eq!(live.len(), self.live);
         assert!(self.digests.is_empty() || self.digests.len() == self.nodes.len());
         assert!(self.live <= self.cap);
-        assert_eq!(self.table.iter().filter(|&&b| b != EMPTY).count(), self.live);
+        assert_eq!(self.table.iter().filter(|&&b| b != EMPTY && b != TOMB).count(), self.live);
+        assert_eq!(self.table.iter().filter(|&&b| b == TOMB).count(), self.tombs);
         let listed: HashSet<(PodId, u32)> =
             self.pods.iter().flat_map(|(&p, ps)| ps.nodes.iter().map(move |&i| (p, i))).collect();
         let mut entries = 0u64;

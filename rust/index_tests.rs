@@ -136,7 +136,7 @@ fn the_table_grows_and_deletes_keep_every_run_reachable() {
         ix.add(0, (j % 3) as PodId, k, TIER_GPU, None);
     }
     ix.check();
-    // delete every other key: backward shifts must leave the rest findable
+    // delete every other key: the removed buckets must leave the rest findable
     for &k in keys.iter().step_by(2) {
         assert!(ix.remove(0, 0, k, TIER_GPU) || ix.remove(0, 1, k, TIER_GPU) || ix.remove(0, 2, k, TIER_GPU));
     }
@@ -302,4 +302,24 @@ fn digest_room_is_taken_only_once_a_digest_is_given() {
         ix.add(0, 1, k, TIER_GPU, Some(&[1; 24]));
     }
     ix.check();
+}
+
+#[test]
+fn churn_reuses_removed_buckets_without_growing_the_table() {
+    let ix = BlockIndex::new(1 << 20, 4, 1, false);
+    for round in 0..30u64 {
+        for k in 0..2000u64 {
+            ix.add(0, 1, round * 10_000 + k, TIER_GPU, None);
+        }
+        for k in 0..2000u64 {
+            assert!(ix.remove(0, 1, round * 10_000 + k, TIER_GPU));
+        }
+    }
+    ix.check();
+    let churned = ix.stats().bytes_used;
+    let fresh = BlockIndex::new(1 << 20, 4, 1, false);
+    for k in 0..2000u64 {
+        fresh.add(0, 1, k, TIER_GPU, None);
+    }
+    assert!(churned <= fresh.stats().bytes_used * 3 / 2, "{churned} vs {}", fresh.stats().bytes_used);
 }
