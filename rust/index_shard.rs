@@ -18,8 +18,7 @@
 
 use hashbrown::HashMap;
 
-use super::chunked::Chunked;
-use super::{entry_pod, entry_tier, pack, Entries, PodId, Tier, MAX_TIERS};
+use super::{chunked::Chunked, entry_pod, entry_tier, pack, Entries, PodId, Tier, MAX_TIERS};
 
 /// Bucket and node sentinels. Entries never take these values: pod ids stay below
 /// `MAX_PODS`, so a packed entry is at most `0xFFFF_FFEF`.
