@@ -148,6 +148,7 @@ fn random_payloads_never_panic_and_keep_the_bounds() {
         let pod = *r.pick(&pods);
         ix.apply(pod, "m", Some(case as u64), &p).unwrap();
         if case % 50 == 0 {
+            ix.inner().index.check(); // the shard layout's invariants (index_shard.rs)
             let st = ix.stats().index;
             assert!(st.keys <= max_keys as u64, "case {case}: {st:?}");
             assert!(st.entries <= (max_keys * max_per_key) as u64, "case {case}: {st:?}");

@@ -11,7 +11,8 @@
 //!   SEQS   (1)  count var, then (pod var, seq u64): each pod's last fully applied batch,
 //!                read before any key is copied (a batch applied meanwhile is replayed again)
 //!   TIERS  (2)  count var, then str per tier id ("" = free): names of the KEYS that follow
-//!   KEYS   (3)  count var, then per key, least recently used first:
+//!   KEYS   (3)  count var, then per key, the next to be evicted first (CLOCK order from the
+//!                hand; a loader restores them in that order):
 //!                model var | key u64 | flags u8 (1 digest, 2 referenced) | [24 digest bytes]
 //!                | n var | n packed entries var ((pod << 4) | tier), least recent first
 //!   MODELS (4)  count var, then str per model id
