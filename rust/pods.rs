@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::bridge::Bridge;
+use crate::groups::PodGroups;
 use crate::index::{ModelId, MAX_TIERS, TIER_CPU, TIER_GPU};
 
 /// Interned names: ids are never reused, so a stale id can never name another thing.
@@ -63,6 +64,8 @@ pub struct PodInfo {
     pub tier_mask: AtomicU32,
     /// Events refused because their tier name did not fit.
     pub tiers_refused: AtomicU64,
+    /// KV-cache groups the pod published (hybrid models, `groups.rs`).
+    pub groups: Mutex<PodGroups>,
     last_seq: AtomicI64,
     /// Last batch applied to the end (`last_seq` is set when a batch starts): snapshots
     /// record this one, so a batch half-applied while they copy is replayed, not skipped.
@@ -87,6 +90,7 @@ impl PodInfo {
             hash_mismatches: AtomicU64::new(0),
             tier_mask: AtomicU32::new(0),
             tiers_refused: AtomicU64::new(0),
+            groups: Mutex::new(PodGroups::default()),
             last_seq: AtomicI64::new(NONE_I64),
             applied_seq: AtomicI64::new(NONE_I64),
             last_ts: AtomicU64::new(f64::NAN.to_bits()),
@@ -111,6 +115,7 @@ impl PodInfo {
             a.store(0, Relaxed);
         }
         self.tier_mask.store(0, Relaxed);
+        *self.groups.lock() = PodGroups::default();
         self.last_seq.store(NONE_I64, Relaxed);
         self.applied_seq.store(NONE_I64, Relaxed);
         self.last_ts.store(f64::NAN.to_bits(), Relaxed);
