@@ -105,6 +105,9 @@ pub struct GroupSpec {
     pub block_size: u32,
 }
 
+/// (group_idx, kind as scored, sliding window in tokens, engine block size).
+pub type GroupInfo = (u8, &'static str, Option<u32>, u32);
+
 /// A pod's groups, by `group_idx`; `unit` is our block size (tokens).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PodGroups {
@@ -127,6 +130,18 @@ impl PodGroups {
             .enumerate()
             .filter(|(_, s)| s.is_some_and(|s| s.kind.is_full()))
             .fold(0, |m, (g, _)| m | 1 << g)
+    }
+    /// The known groups, for `/pods`.
+    pub fn describe(&self) -> Vec<GroupInfo> {
+        let window = |k| match k {
+            Kind::SlidingWindow { window } => Some(window),
+            _ => None,
+        };
+        self.specs
+            .iter()
+            .enumerate()
+            .filter_map(|(g, s)| s.map(|s| (g as u8, s.kind.label(), window(s.kind), s.block_size)))
+            .collect()
     }
     /// Learn group `g`'s spec; true when it changed.
     pub fn learn(&mut self, g: u8, spec: GroupSpec) -> bool {

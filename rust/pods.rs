@@ -7,7 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::bridge::Bridge;
-use crate::groups::PodGroups;
+use crate::groups::{GroupInfo, PodGroups};
 use crate::index::{ModelId, MAX_TIERS, TIER_CPU, TIER_GPU};
 
 /// Interned names: ids are never reused, so a stale id can never name another thing.
@@ -186,6 +186,7 @@ impl PodInfo {
             hash_mismatches: self.hash_mismatches.load(Relaxed),
             tiers_refused: self.tiers_refused.load(Relaxed),
             bridge_entries: self.bridge.lock().len() as u64,
+            kv_cache_groups: self.groups.lock().describe(),
         }
     }
 }
@@ -207,6 +208,9 @@ pub struct PodState {
     pub hash_mismatches: u64,
     pub tiers_refused: u64,
     pub bridge_entries: u64,
+    /// The KV-cache groups the pod published (`groups.rs`): (group_idx, kind as scored,
+    /// sliding window in tokens, engine block size).
+    pub kv_cache_groups: Vec<GroupInfo>,
 }
 
 impl PodState {

@@ -93,6 +93,7 @@ def test_vllm_hybrid_capture_through_zmq(rig: Rig) -> None:
     # per-group copies are visible per pod: group 1 is the slot GPU#1
     assert ix.pod_state(b).blocks_by_tier == {"GPU": 4, "CPU": 0, "GPU#1": 6}
     assert ix.pod_state(a).blocks_by_tier == {"GPU": 0, "CPU": 0}
+    assert ix.pod_state(c).kv_cache_groups == [(0, "full_attention", None, 16), (1, "sliding_window", 32, 16)]
 
 
 # -- random histories through the core -------------------------------------------------------
