@@ -138,6 +138,10 @@ impl Inner {
         info.bridge.lock().clear();
         // no entry left: no custom tier held (`tiers.rs` reclaims the slots when needed)
         info.tier_mask.store(0, Relaxed);
+        // nor any group: the next stores teach them again (a restarted engine may serve
+        // another model, whose groups must not linger with nothing in them)
+        *info.groups.lock() = crate::groups::PodGroups::default();
+        self.tiers.groups.forget(pod);
         self.counters.add(C::pods_cleared, 1);
     }
 
@@ -146,14 +150,18 @@ impl Inner {
         self.clear_pod(pod);
         let info = self.info(pod);
         info.reset();
-        self.tiers.groups.forget(pod);
         info.active.store(false, Relaxed);
     }
 
     /// The slot of a store (its tier, and its KV-cache group: `groups.rs`), held until the
-    /// event is applied. The group's spec is learnt on the way.
+    /// event is applied. The group's spec is learnt once its slot is granted: a group refused
+    /// for want of slots is left out of the pod's hits, not taken as holding nothing.
     fn stored_tier(&self, pod: PodId, info: &PodInfo, ev: &BlockStored, budget: &mut Budget) -> Result<TierGuard<'_>> {
         let group = group_of(ev.group_idx)?;
+        let name = slot_of(ev.medium.as_deref(), group)?;
+        let guard = self
+            .store_tier(pod, info, name.as_deref(), budget)
+            .map_err(|e| Error::decode(DecodeKind::Tier, e.to_string()))?;
         if ev.group_idx.is_some() {
             let bs = if ev.block_size > 0 { ev.block_size } else { self.tp.block_size() as u32 };
             let kind = Kind::from_event(ev.kv_cache_spec_kind.as_deref(), ev.kv_cache_spec_sliding_window);
@@ -163,8 +171,7 @@ impl Inner {
                 self.tiers.groups.set(pod, &groups);
             }
         }
-        let name = slot_of(ev.medium.as_deref(), group)?;
-        self.store_tier(pod, info, name.as_deref(), budget).map_err(|e| Error::decode(DecodeKind::Tier, e.to_string()))
+        Ok(guard)
     }
 
     fn apply_stored(

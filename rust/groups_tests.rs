@@ -152,14 +152,24 @@ fn bad_groups_are_refused_and_counted() {
     let r = ix.apply("p", "m", None, &batch(&evs)).unwrap();
     assert_eq!(r.decode_errors, 1);
     assert_eq!(ix.pod_state("p").unwrap().tiers_refused, 1);
+    // the refused group is left out of the hit (the others still serve it)
+    assert_eq!(ix.pod_state("p").unwrap().kv_cache_groups.len(), per_pod as usize + 1);
+    assert_eq!(matched(&ix, "p", &t), 1);
 }
 
 #[test]
-fn a_removed_pod_forgets_its_groups() {
+fn a_cleared_or_removed_pod_forgets_its_groups() {
     let ix = indexer();
     let t = tokens(32);
     both_groups(&ix, "p", &t);
     assert_eq!(ix.inner().tiers.groups.view().len(), 1);
+    // a restarted engine serving a plain model: no stale sliding group left without blocks
+    ix.apply("p", "m", None, &batch(&[crate::testutil::cleared()])).unwrap();
+    assert!(ix.pod_state("p").unwrap().kv_cache_groups.is_empty());
+    let k = ix.token_processor().block_keys(&t, &Extras::None);
+    ix.apply("p", "m", None, &batch(&[stored(&k, None, &t, 0, "full_attention", None)])).unwrap();
+    assert_eq!(matched(&ix, "p", &t), 2);
+    both_groups(&ix, "p", &t);
     ix.remove_pod("p").unwrap();
     assert!(ix.flush(None));
     assert!(ix.inner().tiers.groups.view().is_empty());
