@@ -209,7 +209,27 @@ pub fn prefix_runs(
     let mut held: Vec<u16> = Vec::new();
     let mut buf: SmallVec<[u32; 16]> = SmallVec::new();
     let mut consumed = 0usize;
-    let new_run = |pod| PrefixRun { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] };
+    let join = |alive: &mut Vec<Alive>, held: &mut [u16], buf: &[u32], i: usize| {
+        for &e in buf {
+            let pod = entry_pod(e);
+            let mask = std::mem::take(&mut held[pod as usize]);
+            if mask == 0 || !eligible(pod) {
+                continue;
+            }
+            let mut hybrid = hybrid_of(pod);
+            if i > 0 && hybrid.as_ref().is_none_or(|h| h.full != 0) {
+                continue;
+            }
+            if let Some(h) = &mut hybrid {
+                h.slots.resize(i, 0);
+                if !h.push(mask, ctx.slot_group) {
+                    continue;
+                }
+            }
+            let s = PrefixRun { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] };
+            alive.push(Alive { s, tiers: mask, hybrid });
+        }
+    };
     for (i, key) in keys.enumerate() {
         consumed += 1;
         index.lookup_into(model, key, &mut buf);
@@ -242,23 +262,12 @@ pub fn prefix_runs(
         }
         // pods joining: every pod holding block 0; later, only pods with no full-attention
         // group (their leading blocks count as not held)
-        for &e in buf.iter() {
-            let pod = entry_pod(e);
-            let mask = std::mem::take(&mut held[pod as usize]);
-            if mask == 0 || !eligible(pod) {
-                continue;
+        if i > 0 && !scan_all {
+            for &e in buf.iter() {
+                held[entry_pod(e) as usize] = 0;
             }
-            let mut hybrid = hybrid_of(pod);
-            if i > 0 && hybrid.as_ref().is_none_or(|h| h.full != 0) {
-                continue;
-            }
-            if let Some(h) = &mut hybrid {
-                h.slots.resize(i, 0);
-                if !h.push(mask, ctx.slot_group) {
-                    continue;
-                }
-            }
-            alive.push(Alive { s: new_run(pod), tiers: mask, hybrid });
+        } else {
+            join(&mut alive, &mut held, &buf, i);
         }
         if alive.is_empty() && !scan_all {
             break;

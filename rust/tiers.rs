@@ -349,11 +349,15 @@ impl TierTable {
     pub fn snapshot(&self) -> Snapshot {
         let t = self.table.read();
         let names: Vec<String> = t.names.iter().map(|n| n.clone().unwrap_or_default()).collect();
-        let mut groups = [0; MAX_TIERS];
-        for (g, n) in groups.iter_mut().zip(&names) {
-            *g = slot_group(n);
+        let groups = self.groups.view();
+        let mut slot_groups = [0; MAX_TIERS];
+        // only pods with groups read them: nothing to parse for a fleet without
+        if !groups.is_empty() {
+            for (g, n) in slot_groups.iter_mut().zip(&names) {
+                *g = slot_group(n);
+            }
         }
-        Snapshot { names, weights: t.weights, generation: t.generation, slot_group: groups, groups: self.groups.view() }
+        Snapshot { names, weights: t.weights, generation: t.generation, slot_group: slot_groups, groups }
     }
 
     pub fn generation(&self) -> u64 {
