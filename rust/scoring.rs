@@ -162,7 +162,6 @@ impl Hybrid {
 struct Alive {
     s: PrefixRun,
     tiers: u16,
-    hybrid: Option<Hybrid>,
 }
 
 /// The best weight among the tiers in `mask`.
@@ -200,36 +199,15 @@ pub fn prefix_runs(
     ctx: &Ctx<'_>,
 ) -> Runs {
     let eligible = |pod: PodId| filter.is_none_or(|f| f.contains(&pod));
-    let hybrid_of =
-        |pod: PodId| ctx.groups.get(&pod).map(|g| Hybrid { full: g.full_mask(), groups: g.clone(), slots: Vec::new() });
     // a pod with no full-attention group may hit without block 0: scan the whole prompt
     let scan_all = ctx.groups.iter().any(|(&p, g)| g.full_mask() == 0 && eligible(p));
     let mut done: Vec<PrefixRun> = Vec::new();
     let mut alive: Vec<Alive> = Vec::new();
+    // hybrid pods apart, so that the loop over plain pods stays as it was
+    let mut hybrids: Vec<(PodId, Hybrid)> = Vec::new();
     let mut held: Vec<u16> = Vec::new();
     let mut buf: SmallVec<[u32; 16]> = SmallVec::new();
     let mut consumed = 0usize;
-    let join = |alive: &mut Vec<Alive>, held: &mut [u16], buf: &[u32], i: usize| {
-        for &e in buf {
-            let pod = entry_pod(e);
-            let mask = std::mem::take(&mut held[pod as usize]);
-            if mask == 0 || !eligible(pod) {
-                continue;
-            }
-            let mut hybrid = hybrid_of(pod);
-            if i > 0 && hybrid.as_ref().is_none_or(|h| h.full != 0) {
-                continue;
-            }
-            if let Some(h) = &mut hybrid {
-                h.slots.resize(i, 0);
-                if !h.push(mask, ctx.slot_group) {
-                    continue;
-                }
-            }
-            let s = PrefixRun { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] };
-            alive.push(Alive { s, tiers: mask, hybrid });
-        }
-    };
     for (i, key) in keys.enumerate() {
         consumed += 1;
         index.lookup_into(model, key, &mut buf);
@@ -240,50 +218,63 @@ pub fn prefix_runs(
             }
             held[p] |= 1 << entry_tier(e);
         }
-        let mut j = 0;
-        while j < alive.len() {
-            let pod = alive[j].s.pod as usize;
-            let mask = held.get_mut(pod).map_or(0, std::mem::take);
-            let a = &mut alive[j];
-            let go_on = match &mut a.hybrid {
-                Some(h) => h.push(mask, ctx.slot_group),
-                None => mask != 0,
-            };
-            if !go_on {
-                let a = alive.swap_remove(j);
-                done.extend(match a.hybrid {
-                    Some(h) => h.finish(a.s.pod, ctx),
-                    None => Some(a.s),
-                });
-                continue;
+        if i > 0 {
+            let mut j = 0;
+            while j < alive.len() {
+                let pod = alive[j].s.pod as usize;
+                let mask = held.get(pod).copied().unwrap_or(0);
+                if mask == 0 {
+                    done.push(alive.swap_remove(j).s);
+                    continue;
+                }
+                alive[j].tiers = mask;
+                j += 1;
             }
-            a.tiers = mask;
-            j += 1;
+            let mut j = 0;
+            while j < hybrids.len() {
+                let (pod, h) = &mut hybrids[j];
+                let mask = held.get(*pod as usize).copied().unwrap_or(0);
+                if h.push(mask, ctx.slot_group) {
+                    j += 1;
+                    continue;
+                }
+                let (pod, h) = hybrids.swap_remove(j);
+                done.extend(h.finish(pod, ctx));
+            }
         }
         // pods joining: every pod holding block 0; later, only pods with no full-attention
         // group (their leading blocks count as not held)
-        if i > 0 && !scan_all {
-            for &e in buf.iter() {
-                held[entry_pod(e) as usize] = 0;
+        for &e in buf.iter() {
+            let pod = entry_pod(e);
+            let mask = std::mem::take(&mut held[pod as usize]);
+            if (i > 0 && !scan_all) || mask == 0 || !eligible(pod) {
+                continue;
             }
-        } else {
-            join(&mut alive, &mut held, &buf, i);
+            match ctx.groups.get(&pod) {
+                None if i == 0 => alive.push(Alive {
+                    s: PrefixRun { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] },
+                    tiers: mask,
+                }),
+                Some(g) if i == 0 || (g.full_mask() == 0 && !hybrids.iter().any(|(p, _)| *p == pod)) => {
+                    let mut h = Hybrid { full: g.full_mask(), groups: g.clone(), slots: vec![0; i] };
+                    if h.push(mask, ctx.slot_group) {
+                        hybrids.push((pod, h));
+                    }
+                }
+                _ => {}
+            }
         }
-        if alive.is_empty() && !scan_all {
+        if alive.is_empty() && hybrids.is_empty() && !scan_all {
             break;
         }
-        for a in alive.iter_mut().filter(|a| a.hybrid.is_none()) {
+        for a in alive.iter_mut() {
             a.s.matched_blocks += 1;
             a.s.score += best_weight(a.tiers, ctx.weights);
             extend_tier_runs(&mut a.s.tier_blocks, a.tiers, a.s.matched_blocks);
         }
     }
-    for a in alive {
-        done.extend(match a.hybrid {
-            Some(h) => h.finish(a.s.pod, ctx),
-            None => Some(a.s),
-        });
-    }
+    done.extend(alive.into_iter().map(|a| a.s));
+    done.extend(hybrids.into_iter().filter_map(|(pod, h)| h.finish(pod, ctx)));
     Runs { runs: done, keys_consumed: consumed }
 }
 
