@@ -244,10 +244,18 @@ pub fn prefix_runs(
         }
         // pods joining: every pod holding block 0; later, only pods with no full-attention
         // group (their leading blocks count as not held)
-        for &e in buf.iter() {
+        if i > 0 && !scan_all {
+            for &e in buf.iter() {
+                held[entry_pod(e) as usize] = 0;
+            }
+            if alive.is_empty() && hybrids.is_empty() {
+                break;
+            }
+        }
+        for &e in buf.iter().filter(|_| i == 0 || scan_all) {
             let pod = entry_pod(e);
             let mask = std::mem::take(&mut held[pod as usize]);
-            if (i > 0 && !scan_all) || mask == 0 || !eligible(pod) {
+            if mask == 0 || !eligible(pod) {
                 continue;
             }
             match ctx.groups.get(&pod) {
