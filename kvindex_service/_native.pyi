@@ -175,6 +175,9 @@ class PodState:
     (or no tier slot was free)."""
     bridge_entries: int
     """Engine-hash -> key entries kept for this pod (0 when the hashes match)."""
+    kv_cache_groups: list[tuple[int, str, int | None, int]]
+    """KV-cache groups the pod published (vLLM >= 0.20): (group_idx, kind as scored:
+    full_attention / sliding_window / mamba, sliding window in tokens, engine block size)."""
 
 @final
 class IndexStats:

@@ -10,11 +10,33 @@ use crate::bridge;
 use crate::counters::C;
 use crate::error::{DecodeKind, Error, Result};
 use crate::events::{decode_batch, BlockRemoved, BlockStored, Event};
+use crate::groups::{slot_name, GroupSpec, Kind, GROUP_SEP, MAX_GROUPS};
 use crate::hashing::{cbor, BlockKey, Extras};
 use crate::index::{ModelId, PodId};
 use crate::indexer::Inner;
 use crate::pods::PodInfo;
 use crate::tiers::{Budget, TierGuard};
+
+/// The KV-cache group of an event (none: group 0).
+fn group_of(idx: Option<i64>) -> Result<u8> {
+    match idx {
+        None => Ok(0),
+        Some(g) if (0..MAX_GROUPS as i64).contains(&g) => Ok(g as u8),
+        Some(g) => Err(Error::decode(DecodeKind::Tier, format!("group_idx {g} is not in 0..{MAX_GROUPS}"))),
+    }
+}
+
+/// The slot name of (`medium`, `group`); `None` for GPU in group 0 (the fixed slot).
+fn slot_of(medium: Option<&str>, group: u8) -> Result<Option<String>> {
+    if medium.is_some_and(|m| m.contains(GROUP_SEP)) {
+        return Err(Error::decode(DecodeKind::Tier, format!("a medium never contains {GROUP_SEP:?}")));
+    }
+    Ok(match (medium, group) {
+        (None, 0) => None,
+        (Some(m), 0) => Some(m.to_string()),
+        (m, g) => Some(slot_name(m.unwrap_or("GPU").trim(), g)),
+    })
+}
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ApplyResult {
@@ -116,6 +138,10 @@ impl Inner {
         info.bridge.lock().clear();
         // no entry left: no custom tier held (`tiers.rs` reclaims the slots when needed)
         info.tier_mask.store(0, Relaxed);
+        // nor any group: the next stores teach them again (a restarted engine may serve
+        // another model, whose groups must not linger with nothing in them)
+        *info.groups.lock() = crate::groups::PodGroups::default();
+        self.tiers.groups.forget(pod);
         self.counters.add(C::pods_cleared, 1);
     }
 
@@ -127,10 +153,25 @@ impl Inner {
         info.active.store(false, Relaxed);
     }
 
-    /// The tier of a store, held until the event is applied.
+    /// The slot of a store (its tier, and its KV-cache group: `groups.rs`), held until the
+    /// event is applied. The group's spec is learnt once its slot is granted: a group refused
+    /// for want of slots is left out of the pod's hits, not taken as holding nothing.
     fn stored_tier(&self, pod: PodId, info: &PodInfo, ev: &BlockStored, budget: &mut Budget) -> Result<TierGuard<'_>> {
-        self.store_tier(pod, info, ev.medium.as_deref(), budget)
-            .map_err(|e| Error::decode(DecodeKind::Tier, e.to_string()))
+        let group = group_of(ev.group_idx)?;
+        let name = slot_of(ev.medium.as_deref(), group)?;
+        let guard = self
+            .store_tier(pod, info, name.as_deref(), budget)
+            .map_err(|e| Error::decode(DecodeKind::Tier, e.to_string()))?;
+        if ev.group_idx.is_some() {
+            let bs = if ev.block_size > 0 { ev.block_size } else { self.tp.block_size() as u32 };
+            let kind = Kind::from_event(ev.kv_cache_spec_kind.as_deref(), ev.kv_cache_spec_sliding_window);
+            let mut groups = info.groups.lock();
+            groups.unit = self.tp.block_size() as u32;
+            if groups.learn(group, GroupSpec { kind, block_size: bs }) {
+                self.tiers.groups.set(pod, &groups);
+            }
+        }
+        Ok(guard)
     }
 
     fn apply_stored(
@@ -245,7 +286,8 @@ impl Inner {
         res: &mut ApplyResult,
     ) -> Result<()> {
         // a tier never registered holds nothing to remove (and is not registered by this)
-        let guard = match &ev.medium {
+        let name = slot_of(ev.medium.as_deref(), group_of(ev.group_idx)?)?;
+        let guard = match &name {
             None => TierGuard::fixed(crate::index::TIER_GPU),
             Some(m) => match self.tiers.find(m) {
                 Ok(Some(g)) => g,

@@ -37,7 +37,7 @@ use crate::hashing::{Algorithm, BlockKey, Extras, TokenProcessor};
 use crate::index::{entry_pod, entry_tier, BlockIndex, IndexStats, ModelId, PodId, Tier, MAX_PODS, TIER_GPU};
 use crate::memo::KeyMemo;
 use crate::pods::{Names, PodInfo};
-use crate::scoring::{prefix_runs, rank, Runs, ScoreResult};
+use crate::scoring::{prefix_runs, rank, Ctx, Runs, ScoreResult};
 use crate::shards::{Msg, Shards};
 use crate::tiers::{Budget, PodTiers, Snapshot, TierGuard, TierTable};
 
@@ -195,9 +195,11 @@ impl Indexer {
             Some(m) => {
                 let filter = self.filter_ids(pods);
                 let f = filter.as_deref();
-                self.stable(|w| match &self.inner.memo {
-                    Some(memo) => prefix_runs(index, m, memo.chain_iter(tp, tokens, extras).map(|c| c.key()), f, w),
-                    None => prefix_runs(index, m, tp.chain_iter(tokens, None, extras, 0).map(|c| c.key()), f, w),
+                self.stable(|s| match &self.inner.memo {
+                    Some(memo) => {
+                        prefix_runs(index, m, memo.chain_iter(tp, tokens, extras).map(|c| c.key()), f, &ctx(s))
+                    }
+                    None => prefix_runs(index, m, tp.chain_iter(tokens, None, extras, 0).map(|c| c.key()), f, &ctx(s)),
                 })
             }
         };
@@ -206,16 +208,16 @@ impl Indexer {
 
     /// Run a read of tier ids under a tier snapshot that stayed valid (no slot freed and
     /// reused meanwhile); retried a few times, then the last snapshot is used.
-    fn stable<T>(&self, mut read: impl FnMut(&[f64; crate::index::MAX_TIERS]) -> T) -> (T, Snapshot) {
+    fn stable<T>(&self, mut read: impl FnMut(&Snapshot) -> T) -> (T, Snapshot) {
         let mut snap = self.inner.tiers.snapshot();
         for _ in 0..3 {
-            let out = read(&snap.weights);
+            let out = read(&snap);
             if self.inner.tiers.generation() == snap.generation {
                 return (out, snap);
             }
             snap = self.inner.tiers.snapshot();
         }
-        (read(&snap.weights), snap)
+        (read(&snap), snap)
     }
 
     /// Score precomputed block keys (each block counts `block_size` tokens).
@@ -224,7 +226,7 @@ impl Indexer {
             None => (Runs::default(), self.inner.tiers.snapshot()),
             Some(m) => {
                 let filter = self.filter_ids(pods);
-                self.stable(|w| prefix_runs(&self.inner.index, m, keys.iter().copied(), filter.as_deref(), w))
+                self.stable(|s| prefix_runs(&self.inner.index, m, keys.iter().copied(), filter.as_deref(), &ctx(s)))
             }
         };
         self.ranked(runs, &tiers, pods, keys.len(), keys.len() * self.inner.tp.block_size())
@@ -389,6 +391,11 @@ impl Inner {
         let models = self.models.read();
         info.state(&models, &tiers, &counts)
     }
+}
+
+/// The scorer's view of a tier snapshot.
+fn ctx(s: &Snapshot) -> Ctx<'_> {
+    Ctx { weights: &s.weights, slot_group: &s.slot_group, groups: &s.groups }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! Layout: `config` (settings and their defaults), `indexer` (the facade and read path,
 //! with the lock order), `shards` (worker threads), `apply` (event application), `bridge`
 //! (engine hash -> key), `pods` (names and per-pod records), `tiers` (tier names, bounded per
-//! pod and reclaimed), `counters`, `scoring`, `snapshot` (versioned dump and load of the index).
+//! pod and reclaimed), `groups` (KV-cache groups of hybrid models and vLLM's hybrid hit rule), `counters`, `scoring`, `snapshot` (versioned dump and load of the index).
 
 pub mod apply;
 pub mod bridge;
@@ -15,6 +15,7 @@ pub mod config;
 pub mod counters;
 pub mod error;
 pub mod events;
+pub mod groups;
 pub mod hashing;
 pub mod index;
 pub mod indexer;
@@ -28,6 +29,8 @@ pub mod tiers;
 
 #[cfg(test)]
 mod compat_tests;
+#[cfg(test)]
+mod groups_tests;
 #[cfg(feature = "python")]
 mod python;
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::bridge::Bridge;
+use crate::groups::{GroupInfo, PodGroups};
 use crate::index::{ModelId, MAX_TIERS, TIER_CPU, TIER_GPU};
 
 /// Interned names: ids are never reused, so a stale id can never name another thing.
@@ -63,6 +64,8 @@ pub struct PodInfo {
     pub tier_mask: AtomicU32,
     /// Events refused because their tier name did not fit.
     pub tiers_refused: AtomicU64,
+    /// KV-cache groups the pod published (hybrid models, `groups.rs`).
+    pub groups: Mutex<PodGroups>,
     last_seq: AtomicI64,
     /// Last batch applied to the end (`last_seq` is set when a batch starts): snapshots
     /// record this one, so a batch half-applied while they copy is replayed, not skipped.
@@ -87,6 +90,7 @@ impl PodInfo {
             hash_mismatches: AtomicU64::new(0),
             tier_mask: AtomicU32::new(0),
             tiers_refused: AtomicU64::new(0),
+            groups: Mutex::new(PodGroups::default()),
             last_seq: AtomicI64::new(NONE_I64),
             applied_seq: AtomicI64::new(NONE_I64),
             last_ts: AtomicU64::new(f64::NAN.to_bits()),
@@ -111,6 +115,7 @@ impl PodInfo {
             a.store(0, Relaxed);
         }
         self.tier_mask.store(0, Relaxed);
+        *self.groups.lock() = PodGroups::default();
         self.last_seq.store(NONE_I64, Relaxed);
         self.applied_seq.store(NONE_I64, Relaxed);
         self.last_ts.store(f64::NAN.to_bits(), Relaxed);
@@ -181,6 +186,7 @@ impl PodInfo {
             hash_mismatches: self.hash_mismatches.load(Relaxed),
             tiers_refused: self.tiers_refused.load(Relaxed),
             bridge_entries: self.bridge.lock().len() as u64,
+            kv_cache_groups: self.groups.lock().describe(),
         }
     }
 }
@@ -202,6 +208,9 @@ pub struct PodState {
     pub hash_mismatches: u64,
     pub tiers_refused: u64,
     pub bridge_entries: u64,
+    /// The KV-cache groups the pod published (`groups.rs`): (group_idx, kind as scored,
+    /// sliding window in tokens, engine block size).
+    pub kv_cache_groups: Vec<GroupInfo>,
 }
 
 impl PodState {

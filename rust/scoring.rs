@@ -2,14 +2,22 @@
 //! weighted per tier. Keys are pulled lazily, so hashing stops as soon as no pod can extend
 //! its prefix. `rank` then names the pods, lists every candidate (zeros included) and orders
 //! the result: the one place those rules live.
+//!
+//! Pods of hybrid-attention models (several KV-cache groups, `groups.rs`) record which groups
+//! hold each block and get vLLM's hybrid hit (`groups::hit`) instead: they stay in the scan
+//! while their full-attention groups hold every block, and pods with no full-attention group
+//! (sliding window or Mamba only) keep the scan to the end of the prompt, since they may hit
+//! without block 0. In a hybrid hit, a block no group holds (outside every window) weighs as
+//! GPU; per tier runs count the group slots (`GPU#1`) as tiers of their own.
 
 use std::cmp::Ordering;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use crate::groups::{self, GroupView, PodGroups};
 use crate::hashing::BlockKey;
-use crate::index::{entry_pod, entry_tier, BlockIndex, ModelId, PodId, MAX_TIERS};
+use crate::index::{entry_pod, entry_tier, BlockIndex, ModelId, PodId, MAX_TIERS, TIER_GPU};
 
 /// One pod's prefix run, by pod id (before naming and ranking).
 #[derive(Clone, Debug, PartialEq)]
@@ -98,6 +106,59 @@ pub fn rank(
     scores
 }
 
+/// What the scan needs besides the index: tier weights and the KV-cache groups.
+pub struct Ctx<'a> {
+    /// `weights[t]` is the weight of slot `t`.
+    pub weights: &'a [f64; MAX_TIERS],
+    /// The group each slot holds (0 for a plain tier).
+    pub slot_group: &'a [u8; MAX_TIERS],
+    /// Pods with groups other than a single full-attention one.
+    pub groups: &'a GroupView,
+}
+
+/// A hybrid pod's scan: slot masks per block, from block 0.
+struct Hybrid {
+    groups: Arc<PodGroups>,
+    full: u16,
+    slots: Vec<u16>,
+}
+
+impl Hybrid {
+    fn group_mask(slots: u16, slot_group: &[u8; MAX_TIERS]) -> u16 {
+        let (mut m, mut g) = (slots, 0u16);
+        while m != 0 {
+            g |= 1 << slot_group[m.trailing_zeros() as usize];
+            m &= m - 1;
+        }
+        g
+    }
+
+    /// Record the next block; false once the hit can no longer grow (a full-attention group
+    /// misses it, so it is not recorded).
+    fn push(&mut self, slots: u16, slot_group: &[u8; MAX_TIERS]) -> bool {
+        if self.full != 0 && Self::group_mask(slots, slot_group) & self.full != self.full {
+            return false;
+        }
+        self.slots.push(slots);
+        true
+    }
+
+    /// The pod's run under vLLM's hybrid rule; `None` for no hit.
+    fn finish(self, pod: PodId, ctx: &Ctx<'_>) -> Option<PrefixRun> {
+        let held: Vec<u16> = self.slots.iter().map(|&s| Self::group_mask(s, ctx.slot_group)).collect();
+        let n = groups::hit(&self.groups, &held);
+        if n == 0 {
+            return None;
+        }
+        let mut run = PrefixRun { pod, matched_blocks: n as u32, score: 0.0, tier_blocks: [0; MAX_TIERS] };
+        for (i, &s) in self.slots[..n].iter().enumerate() {
+            run.score += if s == 0 { ctx.weights[TIER_GPU as usize] } else { best_weight(s, ctx.weights) };
+            extend_tier_runs(&mut run.tier_blocks, s, i as u32 + 1);
+        }
+        Some(run)
+    }
+}
+
 struct Alive {
     s: PrefixRun,
     tiers: u16,
@@ -114,8 +175,19 @@ fn best_weight(mut mask: u16, weights: &[f64; MAX_TIERS]) -> f64 {
     best
 }
 
+/// A tier's own run continues only while it held every block so far (`matched` of them).
+#[inline]
+fn extend_tier_runs(tier_blocks: &mut [u32; MAX_TIERS], mut mask: u16, matched: u32) {
+    while mask != 0 {
+        let t = mask.trailing_zeros() as usize;
+        if tier_blocks[t] + 1 == matched {
+            tier_blocks[t] += 1;
+        }
+        mask &= mask - 1;
+    }
+}
+
 /// The prefix runs of the key sequence. `filter`: only these pods are eligible.
-/// `weights[t]` is the weight of tier `t`.
 ///
 /// Per block the work is O(entries of the key + pods still alive): tier masks are gathered
 /// into a scratch array indexed by pod id, then read back for the live pods.
@@ -124,10 +196,15 @@ pub fn prefix_runs(
     model: ModelId,
     keys: impl Iterator<Item = BlockKey>,
     filter: Option<&[PodId]>,
-    weights: &[f64; MAX_TIERS],
+    ctx: &Ctx<'_>,
 ) -> Runs {
+    let eligible = |pod: PodId| filter.is_none_or(|f| f.contains(&pod));
+    // a pod with no full-attention group may hit without block 0: scan the whole prompt
+    let scan_all = ctx.groups.iter().any(|(&p, g)| g.full_mask() == 0 && eligible(p));
     let mut done: Vec<PrefixRun> = Vec::new();
     let mut alive: Vec<Alive> = Vec::new();
+    // hybrid pods apart, so that the loop over plain pods stays as it was
+    let mut hybrids: Vec<(PodId, Hybrid)> = Vec::new();
     let mut held: Vec<u16> = Vec::new();
     let mut buf: SmallVec<[u32; 16]> = SmallVec::new();
     let mut consumed = 0usize;
@@ -141,19 +218,7 @@ pub fn prefix_runs(
             }
             held[p] |= 1 << entry_tier(e);
         }
-        if i == 0 {
-            for &e in buf.iter() {
-                let pod = entry_pod(e);
-                let mask = std::mem::take(&mut held[pod as usize]);
-                if mask == 0 || filter.is_some_and(|f| !f.contains(&pod)) {
-                    continue;
-                }
-                alive.push(Alive {
-                    s: PrefixRun { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] },
-                    tiers: mask,
-                });
-            }
-        } else {
+        if i > 0 {
             let mut j = 0;
             while j < alive.len() {
                 let pod = alive[j].s.pod as usize;
@@ -165,28 +230,59 @@ pub fn prefix_runs(
                 alive[j].tiers = mask;
                 j += 1;
             }
+            let mut j = 0;
+            while j < hybrids.len() {
+                let (pod, h) = &mut hybrids[j];
+                let mask = held.get(*pod as usize).copied().unwrap_or(0);
+                if h.push(mask, ctx.slot_group) {
+                    j += 1;
+                    continue;
+                }
+                let (pod, h) = hybrids.swap_remove(j);
+                done.extend(h.finish(pod, ctx));
+            }
+        }
+        // pods joining: every pod holding block 0; later, only pods with no full-attention
+        // group (their leading blocks count as not held)
+        if i > 0 && !scan_all {
             for &e in buf.iter() {
                 held[entry_pod(e) as usize] = 0;
             }
+            if alive.is_empty() && hybrids.is_empty() {
+                break;
+            }
         }
-        if alive.is_empty() {
+        for &e in buf.iter().filter(|_| i == 0 || scan_all) {
+            let pod = entry_pod(e);
+            let mask = std::mem::take(&mut held[pod as usize]);
+            if mask == 0 || !eligible(pod) {
+                continue;
+            }
+            match ctx.groups.get(&pod) {
+                None if i == 0 => alive.push(Alive {
+                    s: PrefixRun { pod, matched_blocks: 0, score: 0.0, tier_blocks: [0; MAX_TIERS] },
+                    tiers: mask,
+                }),
+                Some(g) if i == 0 || (g.full_mask() == 0 && !hybrids.iter().any(|(p, _)| *p == pod)) => {
+                    let mut h = Hybrid { full: g.full_mask(), groups: g.clone(), slots: vec![0; i] };
+                    if h.push(mask, ctx.slot_group) {
+                        hybrids.push((pod, h));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if alive.is_empty() && hybrids.is_empty() && !scan_all {
             break;
         }
         for a in alive.iter_mut() {
             a.s.matched_blocks += 1;
-            a.s.score += best_weight(a.tiers, weights);
-            let mut m = a.tiers;
-            while m != 0 {
-                let t = m.trailing_zeros() as usize;
-                // a tier's own run continues only while it held every block so far
-                if a.s.tier_blocks[t] + 1 == a.s.matched_blocks {
-                    a.s.tier_blocks[t] += 1;
-                }
-                m &= m - 1;
-            }
+            a.s.score += best_weight(a.tiers, ctx.weights);
+            extend_tier_runs(&mut a.s.tier_blocks, a.tiers, a.s.matched_blocks);
         }
     }
     done.extend(alive.into_iter().map(|a| a.s));
+    done.extend(hybrids.into_iter().filter_map(|(pod, h)| h.finish(pod, ctx)));
     Runs { runs: done, keys_consumed: consumed }
 }
 
@@ -199,6 +295,11 @@ mod tests {
         let mut w = [0.8; MAX_TIERS];
         w[0] = 1.0;
         w
+    }
+
+    fn scan(ix: &BlockIndex, keys: impl Iterator<Item = BlockKey>, filter: Option<&[PodId]>) -> Runs {
+        let groups = GroupView::default();
+        prefix_runs(ix, 0, keys, filter, &Ctx { weights: &weights(), slot_group: &[0; MAX_TIERS], groups: &groups })
     }
 
     fn by_pod(r: &Runs) -> Vec<PrefixRun> {
@@ -226,7 +327,7 @@ mod tests {
         }
         ix.add(0, 3, 10, TIER_CPU, None);
         ix.add(0, 3, 11, TIER_GPU, None);
-        let r = prefix_runs(&ix, 0, [10u64, 11, 12, 13].into_iter(), None, &weights());
+        let r = scan(&ix, [10u64, 11, 12, 13].into_iter(), None);
         let runs = by_pod(&r);
         assert_eq!(runs.len(), 2);
         assert_eq!((runs[0].pod, runs[0].matched_blocks, runs[0].score), (1, 3, 3.0));
@@ -242,7 +343,7 @@ mod tests {
     fn stops_pulling_keys_when_no_pod_is_left() {
         let ix = BlockIndex::new(100, 8, 4, false);
         ix.add(0, 1, 1, TIER_GPU, None);
-        let r = prefix_runs(&ix, 0, 1u64..1000, None, &weights());
+        let r = scan(&ix, 1u64..1000, None);
         assert_eq!(r.keys_consumed, 2);
         assert_eq!(r.runs[0].matched_blocks, 1);
     }
@@ -252,7 +353,7 @@ mod tests {
         let ix = BlockIndex::new(100, 8, 4, false);
         ix.add(0, 1, 1, TIER_GPU, None);
         ix.add(0, 2, 1, TIER_GPU, None);
-        let r = prefix_runs(&ix, 0, [1u64].into_iter(), Some(&[2, 3]), &weights());
+        let r = scan(&ix, [1u64].into_iter(), Some(&[2, 3]));
         let got: Vec<_> = r.runs.iter().map(|s| (s.pod, s.matched_blocks)).collect();
         assert_eq!(got, vec![(2, 1)]);
     }

@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU32, Ordering::*};
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
+use crate::groups::{slot_group, slot_tier, GroupTable, GroupView};
 use crate::index::{Tier, MAX_TIERS, TIER_CPU, TIER_GPU};
 
 /// Media real engines send, upper-cased; GPU and CPU hold ids 0 and 1.
@@ -95,11 +96,14 @@ impl Drop for TierGuard<'_> {
     }
 }
 
-/// A consistent copy of the names (`""` for a free slot) and weights.
+/// A consistent copy of the names (`""` for a free slot) and weights, with the KV-cache group
+/// of each slot and the pods that have groups (`groups.rs`).
 pub struct Snapshot {
     pub names: Vec<String>,
     pub weights: [f64; MAX_TIERS],
     pub generation: u64,
+    pub slot_group: [u8; MAX_TIERS],
+    pub groups: GroupView,
 }
 
 /// Per-call budget of the expensive refreshes (each counts live entries in every index shard).
@@ -129,6 +133,8 @@ pub struct TierTable {
     configured: Vec<(String, f64)>,
     default_weight: f64,
     per_pod: usize,
+    /// The pods' KV-cache groups (hybrid models); their slots are custom names here.
+    pub groups: GroupTable,
 }
 
 impl TierTable {
@@ -157,6 +163,7 @@ impl TierTable {
             configured: weights.to_vec(),
             default_weight,
             per_pod,
+            groups: GroupTable::default(),
         }
     }
 
@@ -164,7 +171,9 @@ impl TierTable {
         self.reserved.iter().any(|r| r == name)
     }
 
+    /// A group's slot (`"GPU#1"`) weighs as its tier.
     fn weight_of(&self, name: &str) -> f64 {
+        let name = slot_tier(name);
         self.configured.iter().find(|(k, _)| k == name).map_or(self.default_weight, |(_, v)| *v)
     }
 
@@ -339,11 +348,16 @@ impl TierTable {
 
     pub fn snapshot(&self) -> Snapshot {
         let t = self.table.read();
-        Snapshot {
-            names: t.names.iter().map(|n| n.clone().unwrap_or_default()).collect(),
-            weights: t.weights,
-            generation: t.generation,
+        let names: Vec<String> = t.names.iter().map(|n| n.clone().unwrap_or_default()).collect();
+        let groups = self.groups.view();
+        let mut slot_groups = [0; MAX_TIERS];
+        // only pods with groups read them: nothing to parse for a fleet without
+        if !groups.is_empty() {
+            for (g, n) in slot_groups.iter_mut().zip(&names) {
+                *g = slot_group(n);
+            }
         }
+        Snapshot { names, weights: t.weights, generation: t.generation, slot_group: slot_groups, groups }
     }
 
     pub fn generation(&self) -> u64 {

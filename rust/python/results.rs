@@ -89,6 +89,7 @@ pub(super) struct PyPodState {
     pub(super) hashes_match: Option<bool>,
     pub(super) tiers_refused: u64,
     pub(super) bridge_entries: u64,
+    pub(super) kv_cache_groups: Vec<(u8, String, Option<u32>, u32)>,
 }
 
 #[pymethods]
@@ -117,6 +118,7 @@ impl From<PodState> for PyPodState {
             hash_mismatches: s.hash_mismatches,
             tiers_refused: s.tiers_refused,
             bridge_entries: s.bridge_entries,
+            kv_cache_groups: s.kv_cache_groups.into_iter().map(|(g, k, w, b)| (g, k.to_string(), w, b)).collect(),
         }
     }
 }

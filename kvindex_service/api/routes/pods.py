@@ -31,7 +31,7 @@ router = APIRouter(prefix="/pods", tags=["pods"])
 _NATIVE_FIELDS = (
     "pod", "models", "blocks_by_tier", "last_seq", "last_event_ts", "dp_rank", "batches_applied",
     "events_applied", "decode_errors", "unknown_event_types", "unknown_parents", "hash_matches",
-    "hash_mismatches", "hashes_match", "bridge_entries",
+    "hash_mismatches", "hashes_match", "bridge_entries", "kv_cache_groups",
 )  # fmt: skip
 
 
@@ -49,6 +49,10 @@ def _native(state: PodState) -> dict[str, Any]:
     out = {name: getattr(state, name) for name in _NATIVE_FIELDS}
     out["blocks_by_tier"] = dict(out["blocks_by_tier"])
     out["models"] = list(out["models"])
+    out["kv_cache_groups"] = [
+        {"group_idx": g, "kind": kind, "sliding_window": window, "block_size": bs}
+        for g, kind, window, bs in out["kv_cache_groups"]
+    ]
     return out
 
 
