@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(VENV)/.native-stamp: $(STAMP) $(RUST_SRC)
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^📡" || true
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
 	$(PY) -c "import kvindex_service._native"
 	touch $@
 

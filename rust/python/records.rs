@@ -18,7 +18,8 @@ use crate::index::{BlockIndex, Tier, MAX_TIERS, TIER_CPU, TIER_GPU};
 
 // the scratch index names tiers GPU, CPU first, like the core's tier table
 const _: () = assert!(TIER_GPU == 0 && TIER_CPU == 1);
-use crate::scoring::{prefix_runs, rank, ScoreResult};
+use crate::groups::GroupView;
+use crate::scoring::{prefix_runs, rank, Ctx, ScoreResult};
 use crate::tiers::normalize;
 
 /// (op, tier, keys): op is "store", "remove" or "clear" (tier "" and no keys).
@@ -253,7 +254,10 @@ where
         weights[t] = weighted.iter().find(|(x, _)| x == name).map_or(*default_weight, |(_, w)| *w);
     }
     let filter: Option<Vec<u32>> = cfg.pods.map(|p| p.iter().filter_map(|x| ids.get(x.as_str()).copied()).collect());
-    let runs = prefix_runs(&index, 0, 0..n as BlockKey, filter.as_deref(), &weights);
+    // entries from a shared backend carry no group specs: every slot is scored as a plain tier
+    let groups = GroupView::default();
+    let ctx = Ctx { weights: &weights, slot_group: &[0; MAX_TIERS], groups: &groups };
+    let runs = prefix_runs(&index, 0, 0..n as BlockKey, filter.as_deref(), &ctx);
     let cands: Option<Vec<&str>> = cfg.pods.map(|p| p.iter().map(String::as_str).collect());
     let scores = rank(runs.runs, cands.as_deref(), |id| names[id as usize].into(), &tiers, cfg.block_size);
     ScoreResult {
