@@ -118,6 +118,9 @@ class ZmqSettings(_Section):
         default_factory=list, description="CIDRs that may publish pod ids that are not IP:port; empty = any"
     )
     connect_allow: list[str] = Field(default_factory=list, description="CIDRs POST /pods may connect to; empty = any")
+    pod_batch_rate: float = Field(
+        default=0.0, ge=0, description="batches/s one pod may hand to the index; past it, push-back (0 = unbounded)"
+    )
 
     @field_validator("bind", "pod_idle_timeout", mode="before")
     @classmethod
