@@ -62,7 +62,7 @@ def _pct(values: list[float], p: float) -> float:
 
 def measure(service: Service, bodies: list[bytes], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     plan = [("idle", 0.0), ("steady", args.ingest_rate)] * args.rounds + [("idle", 0.0), ("flood", -1.0)]
-    schedule = ",".join(f"{'max' if r < 0 else r:g}:{args.seconds:g}" for _, r in plan)
+    schedule = ",".join(("max" if r < 0 else f"{r:g}") + f":{args.seconds:g}" for _, r in plan)
     pub = subprocess.Popen(
         [sys.executable, str(PUBLISHER), "--connect", service.zmq, "--schedule", schedule],
         stdout=subprocess.PIPE, text=True,

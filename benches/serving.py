@@ -23,7 +23,7 @@ import httpx
 import msgpack
 import zmq
 
-__all__ = ["CHAIN_TOKENS", "MODEL", "PODS", "Service", "fill", "token_id_bodies"]
+__all__ = ["CHAIN_TOKENS", "MODEL", "PODS", "Service", "fill", "token_id_bodies", "words"]
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "meta-llama/Llama-3.2-3B-Instruct"
@@ -120,3 +120,10 @@ def token_id_bodies(chains: list[list[int]], rng: random.Random, n: int = 200) -
         tokens = base[:keep] + [rng.randrange(1000, 120_000) for _ in range(CHAIN_TOKENS - keep)]
         bodies.append({"model": MODEL, "token_ids": tokens})
     return bodies
+
+
+def words(rng: random.Random, n: int) -> str:
+    """``n`` made-up words (about two Llama 3 tokens each): text prompts of a known size."""
+    vocab = ["shipment", "depot", "pallet", "north", "route", "carrier", "invoice", "customs", "freight",
+             "warehouse", "priority", "delay", "schedule", "manifest", "container", "refrigerated"]  # fmt: skip
+    return " ".join(f"{rng.choice(vocab)}{rng.randrange(100)}" for _ in range(n))

@@ -29,7 +29,7 @@ import pytest
 
 from benches.conftest import write_result
 from benches.http_load import run_open_loop
-from benches.serving import MODEL, Service, fill, token_id_bodies
+from benches.serving import MODEL, Service, fill, token_id_bodies, words
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -90,23 +90,17 @@ def test_token_ids_at_500_rps(filled: tuple[Service, list[list[int]]]) -> None:
     _record("token_ids_2048tok_500rps", _run(f"{service.url}/score", bodies, 500, 10))
 
 
-def _words(rng: random.Random, n: int) -> str:
-    vocab = ["shipment", "depot", "pallet", "north", "route", "carrier", "invoice", "customs", "freight",
-             "warehouse", "priority", "delay", "schedule", "manifest", "container", "refrigerated"]  # fmt: skip
-    return " ".join(f"{rng.choice(vocab)}{rng.randrange(100)}" for _ in range(n))
-
-
 def test_text_prompts_seen_before_vs_first_seen(filled: tuple[Service, list[list[int]]]) -> None:
     service, _ = filled
     rng = random.Random(9)
     url = f"{service.url}/score"
-    document = _words(rng, 1950)  # ~4k tokens with the question
+    document = words(rng, 1950)  # ~4k tokens with the question
     with httpx.Client(timeout=30) as c:
         seen = {"model": MODEL, "prompt": document + "\nQuestion: which depot ships first?"}
         body = c.post(url, json=seen).json()
         tokens = body["total_tokens"]
     _record("text_seen_before_200rps", {**_run(url, [seen], 200, 5), "prompt_tokens": tokens})
-    shared = [{"model": MODEL, "prompt": document + f"\nQuestion {i}: {_words(rng, 30)}?"} for i in range(2000)]
+    shared = [{"model": MODEL, "prompt": document + f"\nQuestion {i}: {words(rng, 30)}?"} for i in range(2000)]
     _record("text_shared_document_new_question_100rps", _run(url, shared, 100, 5))
-    cold = [{"model": MODEL, "prompt": f"Case {i}. " + _words(rng, 1950)} for i in range(400)]
+    cold = [{"model": MODEL, "prompt": f"Case {i}. " + words(rng, 1950)} for i in range(400)]
     _record("text_first_seen_50rps", _run(url, cold, 50, 5))
