@@ -12,8 +12,9 @@ real vLLM 0.33-shaped batches over ZMQ TCP) alternates phases:
 Idle and steady windows alternate ``--rounds`` times, so a change in the shared machine's load
 hits both alike. Each request is assigned to the phase it was due in (the publisher reports
 its windows on the same monotonic clock; ``GUARD`` seconds at each edge are left out). Per
-phase: p50/p99/max, the blocks/s the publisher sent and the ingest push-back counters the
-service counted; ratios are p99 / idle p99. Results go to ``benches/out/isolation[-VARIANT].json``
+phase: p50/p99/max, the blocks/s the publisher sent (ZMQ buffers part of a flood), the
+batches/s the service applied (``/pods``, sampled each second) and the ingest push-back
+counters the service counted; ratios are p99 / idle p99. Results go to ``benches/out/isolation[-VARIANT].json``
 (folded into REPORT.md by ``benches/report.py``). ``--env KEY=VALUE`` passes settings to the
 service, so options can be compared:
 
@@ -31,6 +32,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,35 @@ def _counters(base: str) -> dict[str, float]:
     return out
 
 
+class AppliedSampler(threading.Thread):
+    """Samples the batches the service applied (``/pods``) once a second, with the time."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.done = base, threading.Event()
+        self.samples = [(time.monotonic(), self._applied())]
+
+    def _applied(self) -> int:
+        pods = httpx.get(f"{self.base}/pods", timeout=60).json()["pods"]
+        return sum(p["batches_applied"] for p in pods)
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.samples.append((time.monotonic(), self._applied()))
+
+    def rate(self, lo: float, hi: float) -> float:
+        """Batches/s applied between the first and last samples inside [lo, hi]."""
+        inside = [(t, n) for t, n in self.samples if lo <= t <= hi]
+        if len(inside) < 2:
+            return float("nan")
+        (t0, n0), (t1, n1) = inside[0], inside[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 1) if values else float("nan")
+
+
 def _pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 3) if values else float("nan")
@@ -70,16 +102,21 @@ def measure(service: Service, bodies: list[bytes], args: argparse.Namespace) -> 
     assert pub.stdout is not None
     json.loads(pub.stdout.readline())  # {"ready": t}: subscribed; the first (idle) phase begins
     c0 = _counters(service.url)
+    sampler = AppliedSampler(service.url)
+    sampler.start()
     total = args.seconds * len(plan)
     res = asyncio.run(run_open_loop(f"{service.url}/score", bodies, rate=args.rate, duration=total, warmup=0.5))
     stdout, _ = pub.communicate(timeout=300)
+    sampler.done.set()
+    sampler.join()
     c1 = _counters(service.url)
     windows = json.loads(stdout.strip().splitlines()[-1])["phases"]
     phases: dict[str, dict[str, Any]] = {}
     for (name, _), win in zip(plan, windows, strict=True):
         lo, hi = win["start"] + GUARD, win["end"] - GUARD
-        ph = phases.setdefault(name, {"lat": [], "blocks": 0, "seconds": 0.0})
+        ph = phases.setdefault(name, {"lat": [], "blocks": 0, "seconds": 0.0, "applied": []})
         ph["lat"] += [lat for due, lat in zip(res.dues_s, res.latencies_s, strict=True) if lo <= due < hi]
+        ph["applied"].append(sampler.rate(win["start"], win["end"]))
         ph["blocks"] += win["blocks"]
         ph["seconds"] += win["end"] - win["start"]
     out: dict[str, dict[str, Any]] = {}
@@ -91,6 +128,7 @@ def measure(service: Service, bodies: list[bytes], args: argparse.Namespace) -> 
             "p99_ms": _pct(lat, 0.99),
             "max_ms": _pct(lat, 1.0),
             "publisher_blocks_per_s": round(ph["blocks"] / ph["seconds"]),
+            "applied_batches_per_s": _mean([r for r in ph["applied"] if r == r]),
         }
     out["flood"].update({k: v - c0.get(k, 0.0) for k, v in c1.items()})  # whole run; flood dominates
     out["all"] = {"errors": res.errors, "requests": res.sent}
@@ -132,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         d = phases[name]
         print(
             f"{name:7s} p50 {d['p50_ms']:8.2f} ms  p99 {d['p99_ms']:8.2f} ms  (x{d['p99_ms'] / idle:.2f} idle)"
-            f"  {d['requests']} requests, publisher {d['publisher_blocks_per_s']:,} blocks/s"
+            f"  {d['requests']} requests, publisher {d['publisher_blocks_per_s']:,} blocks/s,"
+            f" applied {d['applied_batches_per_s']:,.0f} batches/s"
         )
     return 0
 

@@ -61,6 +61,12 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout: float = Field(default=30.0, gt=0, description="seconds per request, then 504")
+    gil_switch_interval: float = Field(
+        default=0.0005,
+        gt=0,
+        le=0.1,
+        description="sys.setswitchinterval while serving (s): how long /score may wait for the GIL",
+    )
     auth_token: SecretStr | None = Field(
         default=None,
         description="when set, every route but /healthz and /readyz needs 'Authorization: Bearer <token>'",
