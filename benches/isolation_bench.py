@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shlex
 import subprocess
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(),
         "score_rate_rps": args.rate,
         "steady_ingest_blocks_per_s": args.ingest_rate,
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "cores": len(os.sched_getaffinity(0)),
     }
     for name, data in phases.items():
         flat.update({f"{name}/{k}": v for k, v in data.items() if isinstance(v, int | float)})
