@@ -82,6 +82,7 @@ bench-py: build
 bench-isolation: build
 	mkdir -p benches/out
 	$(PY) benches/isolation_bench.py --rate 100
+	$(PY) benches/isolation_bench.py --rate 100 --variant switch-5ms --env KVINDEX_HTTP__GIL_SWITCH_INTERVAL=0.005
 	$(PY) benches/isolation_bench.py --rate 100 --variant pod-batch-rate-500 --env KVINDEX_ZMQ__POD_BATCH_RATE=500
 	$(PY) benches/report.py
 
