@@ -7,6 +7,7 @@ STAMP := $(VENV)/.deps-stamp
 RUST_SRC := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml
 
 .PHONY: help run test test-rust test-py test-k8s test-redis build bench bench-redis bench-rust bench-py demo lint stubtest fuzz clean
+.PHONY: bench-isolation bench-http bench-baseline bench-compare
 
 ## help: list the targets
 help:
@@ -74,7 +75,7 @@ lint: build
 	$(PY) -m mypy.stubtest kvindex_service._native
 
 ## bench: every benchmark
-bench: bench-rust bench-py bench-redis
+bench: bench-rust bench-py bench-redis bench-isolation bench-http
 
 ## bench-rust: criterion benchmarks of the core
 bench-rust:
@@ -86,6 +87,39 @@ bench-py: build
 	mkdir -p benches/out
 	$(PY) -m pytest benches -q --benchmark-enable --benchmark-json=benches/out/pytest-benchmark.json -p no:cacheprovider
 	$(PY) benches/report.py
+
+## bench-isolation: /score p99 idle vs steady 100k blocks/s ingest vs a flood, one run (benches/isolation_bench.py)
+bench-isolation: build
+	mkdir -p benches/out
+	$(PY) benches/isolation_bench.py --rate 100
+	$(PY) benches/isolation_bench.py --rate 100 --variant switch-5ms --env KVINDEX_HTTP__GIL_SWITCH_INTERVAL=0.005
+	$(PY) benches/isolation_bench.py --rate 100 --variant pod-batch-rate-500 --env KVINDEX_ZMQ__POD_BATCH_RATE=500
+	$(PY) benches/report.py
+
+## bench-http: /score under a native open-loop load generator (oha, built from crates.io once), table in REPORT.md
+bench-http: build
+	mkdir -p benches/out
+	command -v oha >/dev/null || test -x $$HOME/.cargo/bin/oha || cargo install oha --locked
+	$(PY) benches/http_native_bench.py
+	$(PY) benches/report.py
+
+# The benchmarks bench-compare tracks: the Python-side core and tokenization cases (minutes, not the 10M index).
+COMPARE_BENCHES := benches/test_core_bench.py benches/test_tokenization_bench.py -k "not 10M"
+BASELINE := benches/baseline/$$($(PY) -c "import benches.compare as c; print(c.machine())").json
+BENCH_TOLERANCE ?= 25
+
+## bench-baseline: measure the benchmarks bench-compare tracks and save them as this machine's baseline (commit it)
+bench-baseline: build
+	mkdir -p benches/out
+	$(PY) -m pytest $(COMPARE_BENCHES) -q --benchmark-enable --benchmark-json=benches/out/compare-run.json -p no:cacheprovider
+	$(PY) benches/compare.py snapshot $(BASELINE) --pytest benches/out/compare-run.json
+
+## bench-compare: run the same benchmarks and print what regressed against the baseline, by how much (exit 1 past BENCH_TOLERANCE %)
+bench-compare: build
+	mkdir -p benches/out
+	$(PY) -m pytest $(COMPARE_BENCHES) -q --benchmark-enable --benchmark-json=benches/out/compare-run.json -p no:cacheprovider
+	$(PY) benches/compare.py snapshot benches/out/compare-now.json --pytest benches/out/compare-run.json
+	$(PY) benches/compare.py compare $(BASELINE) benches/out/compare-now.json --tolerance $(BENCH_TOLERANCE)
 
 ## demo: simulate a 3-pod fleet for 60 s and plot it
 demo: build

@@ -41,6 +41,8 @@ class LoadResult:
     errors: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)
+    dues_s: list[float] = field(default_factory=list)
+    """When each latency's request was due (``loop.time()``, i.e. ``time.monotonic()``)."""
     elapsed_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -136,6 +138,7 @@ async def run_open_loop(
         if status == 200:
             result.ok += 1
             result.latencies_s.append(done - due)
+            result.dues_s.append(due)
         else:
             result.errors += 1
 

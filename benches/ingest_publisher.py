@@ -14,7 +14,12 @@ the bench measures sustained throughput rather than how much was dropped.
 
 Each pod's pool is cycled when exhausted (re-storing blocks the index already holds).
 
-Usage: python benches/ingest_publisher.py --connect tcp://127.0.0.1:PORT --duration 3
+With ``--rate N`` it paces itself to N stored blocks per second (a steady fleet) instead;
+``--schedule 0:5,100000:5,max:5`` runs phases (silent, paced, unthrottled) back to back, prints
+``{"ready": T}`` once subscribed and, at the end, each phase's ``time.monotonic()`` window (the
+same clock as asyncio's in another process), so a client can bucket its samples by phase.
+
+Usage: python benches/ingest_publisher.py --connect tcp://127.0.0.1:PORT --duration 3 [--rate 100000]
 Prints one JSON line: {"batches": ..., "blocks": ..., "seconds": ...}.
 """
 
@@ -98,6 +103,15 @@ def make_batches(
     return payloads, stored
 
 
+def _schedule(text: str) -> list[tuple[float, float]]:
+    """``RATE:SECONDS,...`` as (blocks/s, seconds) pairs; rate -1 means unthrottled."""
+    out = []
+    for part in text.split(","):
+        rate, _, seconds = part.partition(":")
+        out.append((-1.0 if rate == "max" else float(rate), float(seconds)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--connect", required=True, help="the subscriber's bound endpoint")
@@ -108,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algorithm", default="sha256_cbor")
     ap.add_argument("--hash-seed", default="42")
     ap.add_argument("--sndhwm", type=int, default=10_000)
+    ap.add_argument(
+        "--rate", type=float, default=0.0, help="blocks stored per second, paced evenly (0 = as fast as possible)"
+    )
+    ap.add_argument(
+        "--schedule",
+        default="",
+        help="phases RATE:SECONDS,... (RATE in blocks/s, 0 = silent, max = unthrottled); overrides --duration/--rate",
+    )
     args = ap.parse_args(argv)
+    schedule = _schedule(args.schedule) if args.schedule else [(args.rate if args.rate > 0 else -1.0, args.duration)]
 
     # One stream per pod: a pod's prompts chain within its own batches, as on a real pod.
     pools = [
@@ -135,26 +158,41 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(args.connect)
     sock.recv()  # the subscription: from here on nothing is lost to the slow-joiner race
-    blocks = 0
     n = len(pools[0])
     send = sock.send_multipart
-    start = time.perf_counter()
-    deadline = start + args.duration
-    i = 0
-    while True:
-        if (i & 255) == 0 and time.perf_counter() >= deadline:
-            break
-        pod = i % args.pods
-        k = seqs[pod] % n
-        send([topics[pod], seqs[pod].to_bytes(8, "big"), pools[pod][k]])
-        seqs[pod] += 1
-        blocks += stored[pod][k]
-        i += 1
+    i = blocks = 0
+    phases = []
+    if args.schedule:
+        print(json.dumps({"ready": time.monotonic()}), flush=True)
+    start = time.monotonic()
+    for rate, seconds in schedule:
+        t0, b0, i0 = time.monotonic(), blocks, i
+        deadline = t0 + seconds
+        pace = 1.0 / rate if rate > 0 else 0.0
+        while True:
+            if rate == 0 or pace:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                ahead = min(deadline, t0 + (blocks - b0) * pace) - now if pace else deadline - now
+                if ahead > 0.001:
+                    time.sleep(ahead)
+                if rate == 0:
+                    continue
+            elif (i & 63) == 0 and time.monotonic() >= deadline:
+                break
+            pod = i % args.pods
+            k = seqs[pod] % n
+            send([topics[pod], seqs[pod].to_bytes(8, "big"), pools[pod][k]])
+            seqs[pod] += 1
+            blocks += stored[pod][k]
+            i += 1
+        phases.append({"rate": rate, "start": t0, "end": time.monotonic(), "blocks": blocks - b0, "batches": i - i0})
     batches = i
-    seconds = time.perf_counter() - start
+    seconds = time.monotonic() - start
     sock.close()
     ctx.term()
-    json.dump({"batches": batches, "blocks": blocks, "seconds": seconds}, sys.stdout)
+    json.dump({"batches": batches, "blocks": blocks, "seconds": seconds, "phases": phases}, sys.stdout)
     print()
     return 0
 

@@ -61,6 +61,12 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout: float = Field(default=30.0, gt=0, description="seconds per request, then 504")
+    gil_switch_interval: float = Field(
+        default=0.0005,
+        gt=0,
+        le=0.1,
+        description="sys.setswitchinterval while serving (s): how long /score may wait for the GIL",
+    )
     auth_token: SecretStr | None = Field(
         default=None,
         description="when set, every route but /healthz and /readyz needs 'Authorization: Bearer <token>'",
@@ -118,6 +124,9 @@ class ZmqSettings(_Section):
         default_factory=list, description="CIDRs that may publish pod ids that are not IP:port; empty = any"
     )
     connect_allow: list[str] = Field(default_factory=list, description="CIDRs POST /pods may connect to; empty = any")
+    pod_batch_rate: float = Field(
+        default=0.0, ge=0, description="batches/s one pod may hand to the index; past it, push-back (0 = unbounded)"
+    )
 
     @field_validator("bind", "pod_idle_timeout", mode="before")
     @classmethod

@@ -185,6 +185,7 @@ class Runtime:
             allowed_publishers=z.allowed_publishers,
             reconnect_ivl=z.reconnect_ivl,
             reconnect_ivl_max=z.reconnect_ivl_max,
+            pod_batch_rate=z.pod_batch_rate,
         )
         self._start_ingest()
         if kube is not None:

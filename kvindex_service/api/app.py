@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +52,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A request handler needing the GIL while the subscriber's thread holds it waits up to
+        # one switch interval per acquisition; Python's 5 ms default dominated /score's p99
+        # under ingest (docs/performance.md#scoring-under-ingest).
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(rt.settings.http.gil_switch_interval)
         if owned:
             await asyncio.to_thread(rt.start)
         try:
@@ -58,6 +64,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         finally:
             if owned:
                 await asyncio.to_thread(rt.stop)
+            sys.setswitchinterval(switch)
 
     app = FastAPI(
         title="kvindex",

@@ -34,6 +34,7 @@ __all__ = [
     "REJECT_REASONS",
     "Admission",
     "EndpointForbiddenError",
+    "IngestBudget",
     "Network",
     "PodLimitError",
     "SubscribeError",
@@ -201,3 +202,44 @@ class Admission:
         if not self.allowed:
             return None
         return None if ip is not None and in_networks(ip, self.allowed) else "peer_not_allowed"
+
+
+class IngestBudget:
+    """A per-pod bound on batches handed to the index: a token bucket of ``rate`` batches/s
+    holding at most one second's worth (``rate`` 0 = unbounded).
+
+    A pod past its bound is pushed back, not dropped: ``wait`` says how long the loop must
+    stop reading before that pod's next batch may go in, and the loop sleeps that long, so
+    ZMQ's high-water marks hold the rest (the publisher's own, then ours), exactly as when a
+    shard queue is full. Every wait is counted (``throttled``). One
+    pod flooding can then use at most ``rate`` batches/s of the cores that also serve
+    ``/score``. Used from the loop thread only; the table is capped like the pod budget.
+    """
+
+    def __init__(self, rate: float, max_pods: int = 1 << 16) -> None:
+        if not (rate >= 0 and rate < float("inf")):
+            raise ValueError("pod_batch_rate must be a finite number >= 0 (0 = unbounded)")
+        self.rate = float(rate)
+        self.throttled = 0
+        self._max_pods = max_pods
+        self._buckets: dict[str, list[float]] = {}  # pod -> [tokens, last refill]
+
+    def wait(self, pod: str, now: float) -> float:
+        """Take one batch of ``pod``'s allowance; the seconds to wait before it may go in."""
+        if not self.rate:
+            return 0.0
+        bucket = self._buckets.get(pod)
+        if bucket is None:
+            if len(self._buckets) >= self._max_pods:
+                self._buckets.clear()
+            bucket = self._buckets[pod] = [self.rate, now]
+        tokens = min(self.rate, bucket[0] + (now - bucket[1]) * self.rate) - 1.0
+        bucket[0], bucket[1] = tokens, now
+        if tokens >= 0:
+            return 0.0
+        delay = -tokens / self.rate
+        self.throttled += 1
+        return delay
+
+    def forget(self, pod: str) -> None:
+        self._buckets.pop(pod, None)

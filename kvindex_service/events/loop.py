@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kvindex_service._native import KvIndexError
-from kvindex_service.events.admission import Admission, safe_text
+from kvindex_service.events.admission import Admission, IngestBudget, safe_text
 from kvindex_service.events.eventlog import ParentLog, Warner, log_decision
 from kvindex_service.events.links import Conn, Dealer, Links, Monitor
 from kvindex_service.events.progress import Progress
@@ -44,6 +44,8 @@ log = logging.getLogger("kvindex_service.events.subscriber")
 
 _BURST = 512
 """Messages read from one socket before the loop looks at the others (fairness)."""
+_PAUSE_SLICE = 0.05
+"""Longest sleep of an ingest push-back before the loop checks whether it is stopping."""
 
 
 class Loop:
@@ -54,6 +56,7 @@ class Loop:
     _prefix_bytes: bytes
     _seq: Sequencer
     _admit: Admission
+    _budget: IngestBudget
     _idle: float | None
     _next_sweep: float
     _slots: int | None
@@ -117,6 +120,7 @@ class Loop:
             with self._lock:
                 self._seq.remove_pod(pod)
             self._indexer.remove_pod(pod)
+            self._budget.forget(pod)
             log.info("removed pod %s", safe_text(pod))
         self._slots = None
         self._update_settled()
@@ -307,6 +311,10 @@ class Loop:
                 self._links.close_dealer(d.pod)
 
     def _submit(self, pod: str, batch: LiveBatch) -> None:
+        delay = self._budget.wait(pod, time.monotonic())
+        if delay > 0:
+            self._stats["throttled"] += 1
+            self._pause(delay)
         try:
             if not self._indexer.submit(pod, batch.model, batch.seq, batch.payload):
                 self._stats["pushbacks"] += 1
@@ -314,6 +322,15 @@ class Loop:
             self._stats["submit_errors"] += 1
             self._warn("submit", pod, "core refused a batch of pod %s: %s", pod, exc)
         self._stats["messages_applied"] += 1
+
+    def _pause(self, seconds: float) -> None:
+        """Push-back: stop reading for ``seconds`` (in slices, so ``stop`` is never held up)."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, _PAUSE_SLICE))
 
     def _send_replay(self, d: SendReplay) -> list[Decision]:
         """Open the attempt's DEALER; the decisions that follow a failed send."""

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from kvindex_service.events.admission import Admission, PodLimitError
+from kvindex_service.events.admission import Admission, IngestBudget, PodLimitError
 from kvindex_service.events.eventlog import ParentLog, Warner
 from kvindex_service.events.links import Links, Reconnect
 from kvindex_service.events.loop import Loop
@@ -64,6 +64,7 @@ _STAT_KEYS = (
     "replay_timeouts",
     "resets",
     "pushbacks",
+    "throttled",
     "submit_errors",
     "internal_errors",
     "pods_added",
@@ -100,6 +101,7 @@ class Subscriber(Loop):
         allowed_publishers: Sequence[str] = (),
         reconnect_ivl: float = 0.1,
         reconnect_ivl_max: float = 5.0,
+        pod_batch_rate: float = 0.0,
     ) -> None:
         """``max_pods``, ``pod_idle_timeout``, ``verify_peer`` and ``allowed_publishers`` are
         the edge checks of ``admission.py``; the reconnect intervals (seconds) are the
@@ -121,6 +123,7 @@ class Subscriber(Loop):
         )
         self._seq = Sequencer(self._replay, max_held=rcvhwm)
         self._admit = Admission(max_pods=max_pods, verify_peer=verify_peer, allowed_publishers=allowed_publishers)
+        self._budget = IngestBudget(pod_batch_rate, max_pods)  # batches/s per pod (admission.py)
         if pod_idle_timeout is not None and not (0 < pod_idle_timeout < math.inf):
             raise ValueError("pod_idle_timeout must be a positive number of seconds or None")
         self._idle = pod_idle_timeout

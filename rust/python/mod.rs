@@ -24,6 +24,25 @@ use crate::hashing::{Algorithm, Extras, TokenProcessor};
 use crate::indexer::Indexer;
 use crate::snapshot::SnapshotWriter;
 
+/// Scores of at most this many tokens keep the GIL: the work is tens of microseconds, while
+/// releasing means waiting to take the GIL back behind whatever Python thread grabbed it
+/// (under ingest: the event subscriber's loop, up to `sys.getswitchinterval()` each time).
+/// The scoring thread then never waits for ingest. Longer prompts release it.
+const HOLD_GIL_MAX_TOKENS: usize = 4096;
+
+/// `f()` with the GIL held when `short`, else detached from the interpreter.
+fn run_maybe_detached<T, F>(py: Python<'_>, short: bool, f: F) -> T
+where
+    F: pyo3::marker::Ungil + FnOnce() -> T,
+    T: pyo3::marker::Ungil,
+{
+    if short {
+        f()
+    } else {
+        py.detach(f)
+    }
+}
+
 pyo3::create_exception!(
     kvindex_service._native,
     KvIndexError,
@@ -253,7 +272,7 @@ impl PyIndexer {
         let toks = extract_tokens(token_ids)?;
         let extras = Extras::for_request(lora_name, cache_salt);
         let ix = &self.ix;
-        let r = py.detach(|| {
+        let r = run_maybe_detached(py, toks.len() <= HOLD_GIL_MAX_TOKENS, || {
             let names: Option<Vec<&str>> = pods.as_ref().map(|v| v.iter().map(String::as_str).collect());
             ix.score_tokens(model, &toks, &extras, names.as_deref())
         });
