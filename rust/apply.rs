@@ -62,6 +62,28 @@ fn lora_extra(name: Option<&str>, id: Option<i64>) -> Option<Vec<u8>> {
     Some(v)
 }
 
+/// The extra keys of a stored event's blocks, `ratio` kvindex blocks per engine block: explicit
+/// per block (vLLM 0.17+, each engine block's keys on every kvindex block inside it), else the
+/// LoRA name (0.14+) or id on every block. `expanded` holds the per-block copy when needed.
+pub(crate) fn stored_extras<'a>(
+    ev: &'a BlockStored,
+    ratio: usize,
+    expanded: &'a mut Vec<Option<Vec<u8>>>,
+) -> Extras<'a> {
+    match &ev.extra_keys {
+        Some(per) if ratio == 1 => Extras::PerBlock(per),
+        Some(per) => {
+            *expanded = per.iter().flat_map(|e| std::iter::repeat_n(e.clone(), ratio)).collect();
+            let expanded: &'a Vec<Option<Vec<u8>>> = expanded;
+            Extras::PerBlock(expanded)
+        }
+        None => match lora_extra(ev.lora_name.as_deref(), ev.lora_id) {
+            Some(v) => Extras::Request { first: Some(v.clone()), rest: Some(v) },
+            None => Extras::None,
+        },
+    }
+}
+
 impl Inner {
     pub(crate) fn apply_batch(&self, pod: PodId, model: ModelId, seq: Option<u64>, payload: &[u8]) -> ApplyResult {
         let info = self.info(pod);
@@ -245,19 +267,8 @@ impl Inner {
             res.unknown_parents += 1;
             return Ok(());
         };
-        // extra keys: explicit per block (0.17+), else the LoRA name (0.14+) or id
-        let expanded: Vec<Option<Vec<u8>>>;
-        let extras = match &ev.extra_keys {
-            Some(per) if ratio == 1 => Extras::PerBlock(per),
-            Some(per) => {
-                expanded = per.iter().flat_map(|e| std::iter::repeat_n(e.clone(), ratio)).collect();
-                Extras::PerBlock(&expanded)
-            }
-            None => match lora_extra(ev.lora_name.as_deref(), ev.lora_id) {
-                Some(v) => Extras::Request { first: Some(v.clone()), rest: Some(v) },
-                None => Extras::None,
-            },
-        };
+        let mut expanded = Vec::new();
+        let extras = stored_extras(ev, ratio, &mut expanded);
         let keep = self.tp.algorithm().chains_on_digest();
         let mut keys: SmallVec<[BlockKey; 16]> = SmallVec::with_capacity(n * ratio);
         for chain in self.tp.chain_iter(&ev.token_ids, Some(parent), &extras, 0) {

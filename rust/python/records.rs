@@ -11,9 +11,10 @@ use smallvec::SmallVec;
 
 use super::errors::invalid;
 use super::results::{score_result, PyScoreResult};
+use crate::apply::stored_extras;
 use crate::config;
 use crate::events::{decode_batch, BlockStored, EngineHash, Event};
-use crate::hashing::{cbor, Algorithm, BlockKey, Chain, Extras, TokenProcessor};
+use crate::hashing::{Algorithm, BlockKey, Chain, TokenProcessor};
 use crate::index::{BlockIndex, Tier, MAX_TIERS, TIER_CPU, TIER_GPU};
 
 // the scratch index names tiers GPU, CPU first, like the core's tier table
@@ -61,18 +62,6 @@ struct Counts {
     unknown_parents: u64,
     decode_errors: u64,
     unknown_event_types: u64,
-}
-
-/// The CBOR extra key `[value]` vLLM adds per block for a LoRA adapter (as the core applies it).
-fn lora_extra(name: Option<&str>, id: Option<i64>) -> Option<Vec<u8>> {
-    let mut v = Vec::new();
-    cbor::head(&mut v, 4, 1);
-    match (name, id) {
-        (Some(n), _) if !n.is_empty() => cbor::text(&mut v, n),
-        (_, Some(id)) if id > 0 => cbor::int(&mut v, id as i128),
-        _ => return None,
-    }
-    Some(v)
 }
 
 fn tier_of(medium: Option<&str>) -> Option<String> {
@@ -125,18 +114,8 @@ impl PyRecordDecoder {
             c.unknown_parents += 1;
             return true;
         };
-        let expanded: Vec<Option<Vec<u8>>>;
-        let extras = match &ev.extra_keys {
-            Some(per) if ratio == 1 => Extras::PerBlock(per),
-            Some(per) => {
-                expanded = per.iter().flat_map(|e| std::iter::repeat_n(e.clone(), ratio)).collect();
-                Extras::PerBlock(&expanded)
-            }
-            None => match lora_extra(ev.lora_name.as_deref(), ev.lora_id) {
-                Some(v) => Extras::Request { first: Some(v.clone()), rest: Some(v) },
-                None => Extras::None,
-            },
-        };
+        let mut expanded = Vec::new();
+        let extras = stored_extras(ev, ratio, &mut expanded);
         let chains: Vec<Chain> = self.tp.chain_iter(&ev.token_ids, Some(parent), &extras, 0).collect();
         for (j, &h) in ev.block_hashes.iter().enumerate() {
             let part = &chains[j * ratio..(j + 1) * ratio];
