@@ -11,7 +11,7 @@ RUST_SRC := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml
 
 ## help: list the targets
 help:
-	@grep -E '^## [a-z0-9-]+:' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z0-9-]+): /\1\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^## [a-z0-9-]+:' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z0-9-]+): /\1\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
