@@ -25,6 +25,19 @@ def reap(proc: subprocess.Popen[str]) -> None:
         proc.stderr.close()
 
 
+def terminate(proc: subprocess.Popen[Any], grace: float = 20.0) -> int:
+    """Stop a process a test started: SIGTERM, up to ``grace`` seconds to exit, then SIGKILL.
+    Returns its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return int(proc.returncode)
+
+
 def load_vllm_capture(version: str) -> dict[str, Any]:
     """A capture of vLLM's own ZmqEventPublisher, with each message's frames decoded to bytes
     under ``frames`` (topic, seq, payload)."""

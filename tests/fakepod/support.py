@@ -20,6 +20,7 @@ import uvicorn
 
 from kvindex_service.fakepod import FakePod, FakePodConfig
 from kvindex_service.fakepod.app import create_app
+from tests.conftest import terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "meta-llama/Llama-3.2-3B-Instruct"
@@ -105,13 +106,7 @@ class Service:
     def close(self) -> None:
         if getattr(self, "http", None) is not None:
             self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 30)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 

@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import terminate
+
 KUBE_VERSION = "v1.34.4"
 ADMIN_TOKEN = "kvindex-test-admin-" + uuid.uuid4().hex
 
@@ -185,12 +187,7 @@ class ControlPlane:
 
     def close(self) -> None:
         for proc, log in reversed(self._procs):
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            terminate(proc, 15)
             log.close()
 
 

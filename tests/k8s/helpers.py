@@ -17,6 +17,7 @@ import yaml
 import zmq
 from kubernetes import client, config
 
+from tests.conftest import terminate
 from tests.k8s.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,15 +261,9 @@ class Service:
 
     def stop(self) -> int:
         self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = terminate(self.proc)
         self._log.close()
-        return int(self.proc.returncode)
+        return code
 
 
 PICKER_RULES = [

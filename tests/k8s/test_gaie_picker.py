@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes import client
 
 from kvindex_service.extproc import EnvoyClient
+from tests.conftest import terminate
 from tests.k8s.conftest import ControlPlane, free_port
 from tests.k8s.helpers import PICKER_RULES, ROOT, Kube, wait_for
 
@@ -86,15 +87,9 @@ class Picker:
         return asyncio.run(many())
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = terminate(self.proc)
         self._log.close()
-        return int(self.proc.returncode)
+        return code
 
 
 @pytest.fixture

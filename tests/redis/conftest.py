@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.conftest import terminate
+
 
 @dataclass
 class RedisServer:
@@ -35,13 +37,7 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
 
 
 def redis_binary() -> str:
