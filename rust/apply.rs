@@ -230,11 +230,7 @@ impl Inner {
             return Ok(());
         }
         let bs = self.tp.block_size();
-        let ebs = if ev.block_size > 0 {
-            ev.block_size as usize
-        } else if n > 0 && ev.token_ids.len().is_multiple_of(n) {
-            ev.token_ids.len() / n
-        } else {
+        let Some(ebs) = ev.engine_block_size() else {
             return Err(Error::decode(DecodeKind::BlockSize, "BlockStored without block_size"));
         };
         if ebs % bs != 0 {

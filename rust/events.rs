@@ -37,6 +37,21 @@ pub struct BlockStored {
     pub kv_cache_spec_sliding_window: Option<i64>,
 }
 
+impl BlockStored {
+    /// The engine's block size: the one sent, or (0 means unset, as llm-d-inference-sim sends
+    /// it) the token count per hash; `None` when neither says.
+    pub fn engine_block_size(&self) -> Option<usize> {
+        let n = self.block_hashes.len();
+        if self.block_size > 0 {
+            Some(self.block_size as usize)
+        } else if n > 0 && self.token_ids.len().is_multiple_of(n) {
+            Some(self.token_ids.len() / n)
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BlockRemoved {
     pub block_hashes: Vec<EngineHash>,
